@@ -1,0 +1,136 @@
+"""DeepLabV3+ (output stride 16, ASPP, stride-4 decoder) with the extras S4MIM needs.
+
+The forward pass returns the logits and, on request:
+- ``logits_fp``: the decode of Dropout2d-perturbed encoder features (UniMatch's feature perturbation);
+- ``features``: the decoder feature map at stride 4, before the classifier;
+- ``encoder_features``: the stride-16 encoder output;
+- ``reconstruction``: the normalised RGB image predicted by the light reconstruction head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.backbones import build_backbone
+
+
+@dataclass
+class SegOutput:
+    logits: torch.Tensor  # (B, K, H, W)
+    logits_fp: torch.Tensor | None = None  # (B - perturb_from, K, H, W)
+    features: torch.Tensor | None = None  # (B, D, H/4, W/4)
+    encoder_features: torch.Tensor | None = None  # (B, C_high, H/16, W/16)
+    reconstruction: torch.Tensor | None = None  # (B, 3, H, W)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    padding = 0 if kernel == 1 else dilation
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three atrous branches and image pooling."""
+
+    def __init__(self, cin: int, cout: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.branches = nn.ModuleList([_conv_bn_relu(cin, cout)] + [_conv_bn_relu(cin, cout, 3, d) for d in dilations])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(cin, cout))
+        self.project = nn.Sequential(_conv_bn_relu(cout * (len(dilations) + 2), cout), nn.Dropout(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pooled = F.interpolate(self.pool(x), size=(h, w), mode="bilinear", align_corners=True)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class ReconstructionHead(nn.Module):
+    """A 1x1 conv on the stride-4 decoder features, then a x4 pixel shuffle to full resolution."""
+
+    def __init__(self, cin: int, scale: int = 4):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, 3 * scale * scale, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(scale)
+
+    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        out = self.shuffle(self.proj(features))  # (B, 3, 4h, 4w)
+        if out.shape[-2:] != size:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+
+class DeepLabV3Plus(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        init: str = "none",
+        aspp_channels: int = 256,
+        decoder_channels: int = 256,
+        low_level_channels: int = 48,
+        dilations: tuple[int, ...] = (6, 12, 18),
+        fp_dropout: float = 0.5,
+        reconstruction: bool = False,
+    ):
+        super().__init__()
+        self.backbone = build_backbone(backbone, init)
+        self.aspp = ASPP(self.backbone.high_channels, aspp_channels, tuple(dilations))
+        self.reduce = _conv_bn_relu(self.backbone.low_channels, low_level_channels)
+        self.fuse = nn.Sequential(
+            _conv_bn_relu(aspp_channels + low_level_channels, decoder_channels, 3),
+            _conv_bn_relu(decoder_channels, decoder_channels, 3),
+        )
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, kernel_size=1)
+        self.fp_dropout = nn.Dropout2d(fp_dropout)
+        self.reconstruction_head = ReconstructionHead(decoder_channels) if reconstruction else None
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything but the backbone: these parameters learn at lr x head_lr_mult."""
+        backbone = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if id(p) not in backbone]
+
+    def _decode(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        high = self.aspp(high)
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True)
+        return self.fuse(torch.cat([self.reduce(low), high], dim=1))  # (B, D, H/4, W/4)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        perturb_from: int | None = None,
+        need_features: bool = False,
+        need_reconstruction: bool = False,
+    ) -> SegOutput:
+        """Segment ``x`` (B, 3, H, W).
+
+        ``perturb_from=i`` also decodes Dropout2d-perturbed encoder features of ``x[i:]``.
+        """
+        size = x.shape[-2:]
+        low, high = self.backbone(x)
+        features = self._decode(low, high)
+        logits = self._upsample(self.classifier(features), size)
+        out = SegOutput(logits=logits)
+        if perturb_from is not None:
+            low_fp = self.fp_dropout(low[perturb_from:])
+            high_fp = self.fp_dropout(high[perturb_from:])
+            out.logits_fp = self._upsample(self.classifier(self._decode(low_fp, high_fp)), size)
+        if need_features:
+            out.features = features
+            out.encoder_features = high
+        if need_reconstruction:
+            if self.reconstruction_head is None:
+                raise RuntimeError("model was built without a reconstruction head")
+            out.reconstruction = self.reconstruction_head(features, size)
+        return out
+
+    @staticmethod
+    def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny ``shapes`` dataset and a tiny config that trains in seconds on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.shapes import ShapesSettings, synthesize
+
+TINY_SHAPES = ShapesSettings(train=40, val=12, min_side=40, max_side=48, min_clutter=1, max_clutter=3)
+
+TINY_OVERRIDES = [
+    "data.crop=32",
+    "data.batch_size=4",
+    "data.loader_workers=0",
+    "data.split=1/4",
+    "model.aspp_channels=16",
+    "model.decoder_channels=16",
+    "model.low_level_channels=8",
+    "mim.patch=8",
+    "mim.min_pixels=4",
+    "warmup.epochs=1",
+    "train.epochs=1",
+    "eval.grid_images=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    return synthesize(root, seed=0, settings=TINY_SHAPES)
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "runs"
+    monkeypatch.setenv("S4MIM_RUNS", str(path))
+    monkeypatch.setenv("S4MIM_DATA", str(tmp_path / "data"))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_shapes):
+    from pipeline.presets import load_preset
+
+    def make(*extra: str):
+        return load_preset("shapes-1/8", [*TINY_OVERRIDES, f'data.root="{tiny_shapes}"', *extra])
+
+    return make
+
+
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline ARGS`` the way a user runs ``s4mim ARGS``."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )

@@ -1,0 +1,53 @@
+"""DeepLabV3+ outputs, output stride, backbones and their initialisation."""
+
+import pytest
+import torch
+
+from model.backbones import BackboneInitError, build_backbone
+from model.deeplab import DeepLabV3Plus
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet18_slim", "resnet50"])
+def test_backbones_have_output_stride_16(backbone):
+    encoder = build_backbone(backbone)
+    low, high = encoder(torch.randn(1, 3, 64, 64))
+    assert low.shape[-2:] == (16, 16) and high.shape[-2:] == (4, 4)
+    assert low.shape[1] == encoder.low_channels and high.shape[1] == encoder.high_channels
+
+
+def test_forward_returns_what_is_asked():
+    model = DeepLabV3Plus(5, "resnet18_slim", aspp_channels=16, decoder_channels=16, low_level_channels=8,
+                          reconstruction=True)  # fmt: skip
+    x = torch.randn(3, 3, 36, 44)
+    out = model(x)
+    assert out.logits.shape == (3, 5, 36, 44) and out.logits_fp is None and out.reconstruction is None
+    out = model(x, perturb_from=1, need_features=True, need_reconstruction=True)
+    assert out.logits_fp.shape == (2, 5, 36, 44)
+    assert out.features.shape == (3, 16, 9, 11)
+    assert out.reconstruction.shape == (3, 3, 36, 44)
+    head = {id(p) for p in model.head_parameters()}
+    assert not head & {id(p) for p in model.backbone.parameters()}
+    assert len(head) + sum(1 for _ in model.backbone.parameters()) == sum(1 for _ in model.parameters())
+
+
+def test_imagenet_init_without_network_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+    monkeypatch.setattr("torch.hub.download_url_to_file", _offline)
+    with pytest.raises(BackboneInitError, match="model.init=none"):
+        build_backbone("resnet50", "imagenet")
+
+
+def _offline(*args, **kwargs):
+    raise OSError("network is unreachable")
+
+
+def test_local_file_init(tmp_path):
+    source = build_backbone("resnet18_slim")
+    path = tmp_path / "encoder.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_backbone("resnet18_slim", str(path))
+    assert torch.equal(loaded.stem[0].weight, source.stem[0].weight)
+    with pytest.raises(BackboneInitError, match="no such file"):
+        build_backbone("resnet18_slim", str(tmp_path / "missing.pth"))
+    with pytest.raises(BackboneInitError, match="does not fit"):
+        build_backbone("resnet50", str(path))
