@@ -1,0 +1,101 @@
+"""The views of SPEC §3.1, built from torchvision ``transforms.v2`` on (image, mask) pairs.
+
+- weak: random rescale (0.5-2.0 of the image's own size), crop with padding, horizontal flip;
+- strong: the weak view plus colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 0.5);
+- CutMix boxes (p 0.5), one per strong view.
+
+Padding takes the mean colour (0 after normalisation) in the image and 255 in every mask, so
+a padding mask rides along and padding never counts in a loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+MEAN_UINT8 = tuple(round(255 * m) for m in MEAN)
+IGNORE = 255
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32, ImageNet-normalised."""
+    return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), MEAN, STD)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Normalised (..., 3, H, W) -> float in [0, 1], for pictures."""
+    mean = torch.tensor(MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=image.device).view(3, 1, 1)
+    return (image * std + mean).clamp(0, 1)
+
+
+class WeakView:
+    """Rescale, crop and flip an image together with any number of masks."""
+
+    def __init__(self, crop: int, scale_range: tuple[float, float] = (0.5, 2.0)):
+        self.crop = crop
+        self.scale_range = scale_range
+        self.crop_and_flip = v2.Compose(
+            [
+                v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: MEAN_UINT8, tv_tensors.Mask: IGNORE}),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+
+    def __call__(self, image: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * torch.rand(()).item()
+        h, w = image.shape[-2:]
+        size = [max(1, round(h * scale)), max(1, round(w * scale))]
+        image = TF.resize(tv_tensors.Image(image), size, antialias=True)
+        # NEAREST_EXACT samples pixel centres as bilinear does; NEAREST would shift masks by up to a pixel.
+        masks = tuple(
+            TF.resize(tv_tensors.Mask(m), size, interpolation=v2.InterpolationMode.NEAREST_EXACT) for m in masks
+        )
+        out = self.crop_and_flip(image, *masks)
+        return tuple(t.as_subclass(torch.Tensor) for t in out)
+
+
+class StrongView:
+    """Photometric perturbations applied on top of a weak view (uint8 image)."""
+
+    def __init__(self, blur_sigma: tuple[float, float] = (0.1, 2.0)):
+        kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+        self.transform = v2.Compose(
+            [
+                v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(kernel, sigma=blur_sigma)], p=0.5),
+            ]
+        )
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+
+def cutmix_box(
+    size: int,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
+    """A (size, size) bool box covering ``area`` of the crop with aspect ``ratio``; empty with 1 - p."""
+    box = torch.zeros(size, size, dtype=torch.bool)
+    if torch.rand(()).item() > p:
+        return box
+    for _ in range(100):
+        a = size * size * (area[0] + (area[1] - area[0]) * torch.rand(()).item())
+        r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(()).item()
+        w, h = int(math.sqrt(a / r)), int(math.sqrt(a * r))
+        if 0 < w <= size and 0 < h <= size:
+            x = int(torch.randint(0, size - w + 1, ()))
+            y = int(torch.randint(0, size - h + 1, ()))
+            box[y : y + h, x : x + w] = True
+            return box
+    return box

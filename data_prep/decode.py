@@ -1,0 +1,50 @@
+"""Image and mask decoding: torchvision for images, Pillow for index masks (palette PNGs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image
+
+from data_prep.errors import DataError
+
+_INDEX_MODES = ("P", "L", "I;16", "I")
+
+
+def decode_image_bytes(data: bytes, path: str | Path) -> torch.Tensor:
+    """RGB uint8 (3, H, W) from encoded bytes; DataError names the file when it does not decode."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"{path}: image does not decode ({str(exc).splitlines()[0]})") from None
+
+
+def decode_mask_bytes(data: bytes, path: str | Path) -> torch.Tensor:
+    """Class-index mask uint8 (H, W) from a palette or grayscale PNG."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode not in _INDEX_MODES:
+                raise DataError(
+                    f"{path}: mask has mode {img.mode}; masks must hold class indices (palette or grayscale PNG)"
+                )
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{path}: mask does not decode ({exc})") from None
+    if array.max(initial=0) > 255:
+        raise DataError(f"{path}: mask value {int(array.max())} is above 255; class indices must fit in 8 bits")
+    return torch.from_numpy(array.astype(np.uint8))
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    return decode_image_bytes(Path(path).read_bytes(), path)
+
+
+def read_mask(path: str | Path, lut: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask as class indices; ``lut`` (256,) maps raw values (e.g. Cityscapes label ids) first."""
+    mask = decode_mask_bytes(Path(path).read_bytes(), path)
+    return lut[mask.long()] if lut is not None else mask
