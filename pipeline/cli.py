@@ -1,0 +1,402 @@
+"""The ``s4mim`` command line.
+
+    s4mim pipeline run shapes-1/8            # the whole chain on the embedded dataset
+    s4mim pipeline run voc-1/8 --data-root /data/VOC2012
+    s4mim warmup shapes-1/8 --set warmup.epochs=10
+    torchrun --nproc_per_node 2 -m pipeline train shapes-1/8     # DDP, gloo on CPU
+
+A usage, config or data error prints one line and exits with code 2 (``--debug`` shows the
+traceback). Rerunning an interrupted command resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from pipeline.errors import USER_ERRORS, UsageError
+
+app = typer.Typer(
+    help="s4mim: semi-supervised semantic segmentation with masked image modeling (S4MIM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Generate the embedded dataset and prepare manifests.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="Run the whole chain of stages.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
+
+PresetArg = Annotated[str, typer.Argument(help="Preset name (s4mim presets lists them) or a preset JSON file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).", show_default=False),
+]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Dataset folder (default: $S4MIM_DATA/<dataset>).", show_default=False),
+]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
+    """s4mim: semi-supervised semantic segmentation with masked image modeling (S4MIM)."""
+
+
+def _config(preset: str, overrides: list[str] | None, data_root: Path | None = None):
+    from pipeline.presets import load_preset
+
+    extra = list(overrides or [])
+    if data_root is not None:
+        extra.append(f"data.root={json.dumps(str(data_root))}")
+    return load_preset(preset, extra)
+
+
+def _runs() -> Path:
+    from pipeline.paths import runs_dir
+
+    return runs_dir()
+
+
+# -- presets -------------------------------------------------------------------------------------
+
+
+@app.command()
+def presets(
+    show: Annotated[str | None, typer.Option("--show", help="Print one preset's full config as JSON.")] = None,
+) -> None:
+    """List every preset (or show one in full)."""
+    from pipeline.presets import BUILTIN, load_preset, preset_names
+
+    if show:
+        typer.echo(json.dumps(load_preset(show).model_dump(mode="json"), indent=2))
+        return
+    typer.echo(f"{'preset':<18} {'dataset':<11} {'split':<6} {'backbone':<14} {'crop':>5} {'workers':>7}")
+    for name in preset_names():
+        cfg = load_preset(name)
+        d = cfg.data
+        split = f"{d.split}" + (" (classic)" if d.dataset == "voc" and d.voc_set == "classic" else "")
+        shown = name if name in BUILTIN else Path(name).name
+        typer.echo(
+            f"{shown:<18} {d.dataset:<11} {split:<6} {cfg.model.backbone:<14} {d.crop:>5} {cfg.scaling.workers:>7}"
+        )
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+def data_synth(
+    root: Annotated[Path | None, typer.Option(help="Output folder (default: $S4MIM_DATA/shapes).")] = None,
+    seed: Annotated[int, typer.Option(help="Dataset seed: the same seed gives the same images.")] = 0,
+) -> None:
+    """Generate the embedded ``shapes`` dataset in VOC layout."""
+    from data_prep import shapes
+    from pipeline.console import Progress
+    from pipeline.paths import data_dir
+
+    root = (root or data_dir() / "shapes").absolute()
+    if shapes.is_complete(root, seed):
+        typer.echo(f"{root} already holds shapes seed {seed}")
+        return
+    if root.exists() and any(root.iterdir()) and not (root / "shapes.json").exists():
+        raise UsageError(f"{root} exists and is not a shapes dataset; choose another --root or empty it")
+    if (root / "shapes.json").exists():
+        typer.echo(f"replacing the shapes dataset in {root} (other seed or settings)")
+    shapes.synthesize(root, seed, progress=Progress("images"))
+    s = shapes.ShapesSettings()
+    typer.echo(f"wrote {s.train} train and {s.val} val images to {root}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: Annotated[str, typer.Argument(help="voc, cityscapes, shapes or custom.")],
+    root: Annotated[Path, typer.Option(help="Dataset folder.")],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out bad samples instead of failing.")] = False,
+    split: Annotated[str | None, typer.Option(help="Also write a labeled/unlabeled split: 1/8 or a count.")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the class-aware labeled draw.")] = 0,
+    labeled_ids: Annotated[Path | None, typer.Option(help="File of labeled ids instead of a draw.")] = None,
+    classic: Annotated[
+        bool, typer.Option("--classic", help="VOC: draw labeled ids from the 1,464 fine images.")
+    ] = False,
+) -> None:
+    """Validate every image/mask pair and write the Parquet manifest (and split files)."""
+    from data_prep.manifest import prepare
+    from data_prep.splits import make_split, read_labeled_ids, write_split
+    from pipeline.console import Progress
+    from pipeline.paths import slug
+
+    runs = _runs()
+    manifest, bad, reused = prepare(
+        dataset, root, runs / "manifests", skip_bad=skip_bad, progress=Progress("validated")
+    )
+    for sample in bad:
+        typer.echo(f"skipped {sample.id}: {sample.reason}")
+    n_train, n_val = len(manifest.rows("train")), len(manifest.rows("val"))
+    state = "unchanged, reused" if reused else "written"
+    typer.echo(f"{dataset}: {n_train} train, {n_val} val, {manifest.num_classes} classes, {len(bad)} skipped")
+    typer.echo(f"manifest {manifest.path} ({state}), content hash {manifest.content_hash}")
+    if split or labeled_ids:
+        ids = read_labeled_ids(labeled_ids) if labeled_ids else None
+        result = make_split(manifest, split or "1/8", split_seed, fine_only=classic, labeled_ids=ids)
+        name = f"ids-{labeled_ids.stem}" if labeled_ids else f"{slug(split)}-seed{split_seed}"
+        folder = runs / "splits" / manifest.path.stem / name
+        write_split(result, folder)
+        typer.echo(f"split: {len(result.labeled)} labeled, {len(result.unlabeled)} unlabeled -> {folder}")
+
+
+# -- stages --------------------------------------------------------------------------------------
+
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray).", show_default=False
+    ),
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db).",
+        show_default=False,
+    ),
+]
+LocalOpt = Annotated[
+    bool, typer.Option("--local", help="Run in this process, without Ray or MLflow (implied under torchrun).")
+]
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool):
+    """The backend for this command, after checking everything it needs, before any training."""
+    from pipeline.console import say
+
+    if local or _under_torchrun():
+        from pipeline.local import LocalBackend
+
+        return LocalBackend()
+    from pipeline.ray_jobs import RayBackend, check_fits, check_storage, connect, storage_path
+    from pipeline.tracking import check_tracking_uri, tracking_uri
+
+    uri = tracking_uri(config, tracking)
+    check_tracking_uri(uri)
+    check_storage(storage_path(runs))
+    say(connect(ray_address))
+    check_fits(config)
+    return RayBackend(runs, uri)
+
+
+def _prepared(config, runs):
+    """Prepare on rank 0 first, then on the other ranks (which find it cached)."""
+    from pipeline.prepare import prepare_stage
+
+    if _under_torchrun():
+        import torch.distributed as dist
+
+        from pipeline.local import init_distributed
+
+        rank, _, _ = init_distributed()
+        if rank == 0:
+            prepare_stage(config, runs)
+        dist.barrier()
+    return prepare_stage(config, runs)
+
+
+def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
+    from pipeline.local import read_result
+    from pipeline.orchestrate import stage_folder
+
+    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+    result = read_result(folder)
+    if result is None:
+        raise UsageError(
+            f"no finished {stage} stage for this config ({folder}); run 's4mim {stage} {config.preset}' with the "
+            f"same --set options before '{needed_by}', or use 's4mim pipeline run'"
+        )
+    return result["checkpoint"]
+
+
+def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, checkpoint=None) -> dict:
+    from pipeline.local import read_result
+    from pipeline.orchestrate import stage_folder
+
+    config = _config(preset, overrides, data_root)
+    runs = _runs()
+    backend = _backend(config, runs, ray_address, tracking, local)
+    prepared = _prepared(config, runs)
+    if stage == "train":
+        init = _finished(runs, config, "warmup", prepared, "s4mim train")
+    elif stage == "evaluate":
+        init = str(checkpoint) if checkpoint else _finished(runs, config, "train", prepared, "s4mim evaluate")
+    else:
+        init = None
+    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+    done = read_result(folder)
+    if done is not None and checkpoint is None:
+        typer.echo(
+            f"[{stage}] already finished for this config: {folder} (s4mim pipeline run --force {stage} reruns it)"
+        )
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.begin(config, prepared)
+    ok = False
+    try:
+        result = backend.run_stage(config, stage, prepared, folder, init)
+        ok = True
+    finally:
+        parent = backend.end(ok)
+    if parent:
+        typer.echo(f"MLflow parent run {parent}")
+    return result
+
+
+@app.command()
+def warmup(
+    preset: PresetArg,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    local: LocalOpt = False,
+) -> None:
+    """Teacher warmup: supervised training on the labeled split (a Ray Train job)."""
+    result = _run_stage_command("warmup", preset, set_, data_root, ray_address, tracking_uri, local)
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"[warmup] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
+
+
+@app.command()
+def train(
+    preset: PresetArg,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    local: LocalOpt = False,
+) -> None:
+    """Semi-supervised training (the preset's variant) from the warmup teacher (a Ray Train job)."""
+    result = _run_stage_command("train", preset, set_, data_root, ray_address, tracking_uri, local)
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"[train] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
+
+
+@app.command()
+def evaluate(
+    preset: PresetArg,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    local: LocalOpt = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint to score (default: the best of the train stage).")
+    ] = None,
+) -> None:
+    """mIoU, per-class IoU table and a picture grid on the val set (a Ray Train job)."""
+    if checkpoint is not None and not checkpoint.exists():
+        raise UsageError(f"--checkpoint {checkpoint}: no such file")
+    result = _run_stage_command("evaluate", preset, set_, data_root, ray_address, tracking_uri, local, checkpoint)
+    if result and result.get("iou"):
+        for name, value in result["iou"].items():
+            typer.echo(f"  {name:<24} {value:6.2f}")
+        typer.echo(f"mIoU {result['miou']:.2f}")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    preset: PresetArg,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    force: Annotated[
+        list[str] | None, typer.Option(help="Rerun this stage (and the ones after it) even if cached.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")] = False,
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    local: LocalOpt = False,
+) -> None:
+    """prepare -> warmup -> train -> evaluate as Ray Train jobs, skipping stages whose outputs exist."""
+    from pipeline.orchestrate import forced_stages, plan, run_pipeline, summary_table
+
+    config = _config(preset, set_, data_root)
+    runs = _runs()
+    forced_stages(force or [])
+    if dry_run:
+        typer.echo(f"plan for {config.preset} (variant {config.variant}), outputs under {runs}")
+        typer.echo(summary_table(plan(config, runs, force or [])))
+        return
+    backend = _backend(config, runs, ray_address, tracking_uri, local)
+    result = run_pipeline(config, runs, backend, force=force or [])
+    typer.echo("")
+    typer.echo(f"summary for {config.preset} (variant {config.variant})")
+    typer.echo(summary_table(result.statuses))
+    if result.parent_run_id:
+        from pipeline.tracking import tracking_uri as resolve_uri
+
+        typer.echo(f"MLflow parent run: {result.parent_run_id}")
+        typer.echo(f"open the UI with: make ui   (or: s4mim ui --tracking-uri {resolve_uri(config, tracking_uri)})")
+
+
+@app.command()
+def doctor(ray_address: RayAddressOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """What this machine and cluster offer: torch and CUDA, Ray, storage, MLflow, datasets."""
+    from pipeline.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(ray_address, tracking_uri))
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingOpt = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 5000,
+) -> None:
+    """Serve the MLflow UI for the project's store on 127.0.0.1."""
+    from pipeline.ui import serve
+
+    raise typer.Exit(serve(tracking_uri, port))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug or not _is_user_error(exc):
+            raise
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from model.backbones import BackboneInitError
+
+    return isinstance(exc, USER_ERRORS + (BackboneInitError,))
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    main()

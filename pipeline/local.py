@@ -1,0 +1,154 @@
+"""Running a stage in this process, or in every process of a torchrun launch.
+
+    s4mim train shapes-1/8 --local                                # one process
+    torchrun --nproc_per_node 2 -m pipeline train shapes-1/8 --local   # DDP, gloo on CPU
+
+Checkpoints go to ``<stage dir>/last.pt`` every epoch (and ``best.pt`` on a new best val mIoU),
+written by rank 0 through a temporary file; rerunning the same stage resumes from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.atomic import atomic_path
+from pipeline.console import format_metrics, say
+
+EPOCH_KEYS = ("train/loss", "train/loss_x", "train/loss_s", "train/loss_cmim", "train/loss_fa", "train/loss_smim",
+              "train/mask_ratio", "train/img_per_s", "val/miou")  # fmt: skip
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when there is one; returns rank, world size and device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+class LocalContext:
+    """Checkpoints in a folder, progress on stdout."""
+
+    def __init__(self, stage: str, folder: Path, rank: int, world_size: int, device: torch.device, epochs: int):
+        self.stage, self.folder = stage, Path(folder)
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.epochs = epochs
+        self.started = time.perf_counter()
+
+    def restore(self) -> dict | None:
+        last = self.folder / "last.pt"
+        if not last.is_file():
+            return None
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        say(f"[{self.stage}] resuming after epoch {state['epoch'] + 1} from {last}")
+        return state
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass  # epoch lines are enough on a terminal; trackers log steps
+
+    def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
+        if self.rank == 0:
+            save_checkpoint(state, self.folder / "last.pt")
+            if best:
+                shutil.copyfile(self.folder / "last.pt", self.folder / ".best.pt.tmp")
+                os.replace(self.folder / ".best.pt.tmp", self.folder / "best.pt")
+        elapsed = time.perf_counter() - self.started
+        say(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  {format_metrics(metrics, EPOCH_KEYS)}  ({elapsed:.0f} s)")
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def write_result(folder: Path, result: dict) -> None:
+    with atomic_path(Path(folder) / "result.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
+
+
+def read_result(folder: Path) -> dict | None:
+    path = Path(folder) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def run_training(config, stage: str, prepared, folder: Path, init_checkpoint: Path | None, extras=None) -> dict:
+    """Train ``stage`` in this process (every torchrun process calls it); rank 0 writes the result."""
+    from pipeline.stages import StageInputs, fit
+
+    rank, world, device = init_distributed()
+    schedule = config.warmup if stage == "warmup" else config.train
+    ctx = LocalContext(stage, folder, rank, world, device, schedule.epochs)
+    inputs = StageInputs(prepared.manifest, prepared.split_dir, init_checkpoint, extras or {})
+    result = fit(config, stage, inputs, ctx)
+    best = folder / "best.pt"
+    result["checkpoint"] = str(best if best.is_file() else folder / "last.pt")
+    if rank == 0:
+        write_result(folder, result)
+    return result
+
+
+def write_evaluation(folder: Path, evaluation, checkpoint: Path) -> dict:
+    """Write the per-class IoU table, the picture grid and result.json; return the result."""
+    folder = Path(folder)
+    with atomic_path(folder / "iou.csv") as tmp:
+        tmp.write_text(evaluation.table_csv)
+    if evaluation.grid_png:
+        with atomic_path(folder / "grid.png") as tmp:
+            tmp.write_bytes(evaluation.grid_png)
+    result = {"stage": "evaluate", "miou": evaluation.miou, "iou": evaluation.iou, "evaluated": str(checkpoint)}
+    write_result(folder, result)
+    return result
+
+
+def run_evaluation(config, prepared, folder: Path, checkpoint: Path) -> dict:
+    from pipeline.stages import StageInputs, evaluate
+
+    rank, world, device = init_distributed()
+    started = time.perf_counter()
+    evaluation = evaluate(config, StageInputs(prepared.manifest, prepared.split_dir, checkpoint), device, rank, world)
+    result = {}
+    if rank == 0:
+        result = write_evaluation(folder, evaluation, checkpoint)
+        seconds = time.perf_counter() - started
+        say(f"[evaluate] mIoU {evaluation.miou:.2f} on {len(evaluation.iou)} classes ({seconds:.0f} s)")
+    return result
+
+
+class LocalBackend:
+    """Runs stages in this process (no Ray, no tracking): for torchrun and for debugging."""
+
+    def begin(self, config, prepared) -> None:
+        pass
+
+    def forget(self, config, stage: str, prepared) -> None:
+        pass  # the orchestrator already removed the stage folder, which holds the checkpoints
+
+    def run_stage(self, config, stage: str, prepared, folder: Path, init_checkpoint: str | None) -> dict:
+        init = Path(init_checkpoint) if init_checkpoint else None
+        if stage == "evaluate":
+            return run_evaluation(config, prepared, folder, init)
+        return run_training(config, stage, prepared, folder, init)
+
+    def end(self, ok: bool) -> None:
+        return None

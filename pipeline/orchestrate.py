@@ -1,0 +1,144 @@
+"""``s4mim pipeline run``: prepare -> warmup -> train -> evaluate, with caching and resume.
+
+Every stage has a folder ``runs/stages/<preset>/<stage>-<hash>``, the hash covering the config
+that shapes the stage's output and the hash of its inputs (manifest content and labeled ids).
+A folder with ``result.json`` is a finished stage and is reported as cached; a folder without it
+holds an interrupted stage, which resumes from its last checkpoint. ``--force STAGE`` reruns that
+stage and every stage after it from scratch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.config import Config
+from pipeline.console import say
+from pipeline.errors import UsageError
+from pipeline.local import read_result
+from pipeline.paths import slug
+from pipeline.prepare import Prepared, peek_prepared, prepare_stage
+
+STAGES = ("prepare", "warmup", "train", "evaluate")
+
+
+class Backend(Protocol):
+    """Where training and evaluation run: this process, or Ray Train (with MLflow tracking)."""
+
+    def begin(self, config: Config, prepared: Prepared) -> None:
+        """Called once the inputs are prepared, before the first stage."""
+
+    def forget(self, config: Config, stage: str, prepared: Prepared) -> None:
+        """Drop what a previous run of ``stage`` left, so that it starts from scratch."""
+
+    def run_stage(
+        self, config: Config, stage: str, prepared: Prepared, folder: Path, init_checkpoint: Path | None
+    ) -> dict:
+        """Run ``stage`` to completion, writing ``result.json`` into ``folder``; return the result."""
+
+    def end(self, ok: bool) -> str | None:
+        """Called at the end; returns the tracking parent run id, if any."""
+
+
+@dataclass
+class StageStatus:
+    name: str
+    status: str  # planned, cached, ran, failed
+    folder: Path | None = None
+    seconds: float = 0.0
+    miou: float | None = None
+    detail: str = ""
+
+
+def stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Path:
+    return runs / "stages" / slug(config.preset) / f"{stage}-{config.stage_hash(stage, inputs_hash)}"
+
+
+def forced_stages(force: list[str]) -> set[str]:
+    for name in force:
+        if name not in STAGES:
+            raise UsageError(f"--force {name!r}: not a stage; choose one of: {', '.join(STAGES)}")
+    first = min((STAGES.index(n) for n in force), default=len(STAGES))
+    return set(STAGES[first:])
+
+
+def plan(config: Config, runs: Path, force: list[str]) -> list[StageStatus]:
+    """What a run would do, without writing anything."""
+    forced = forced_stages(force)
+    inputs = None if "prepare" in forced else peek_prepared(config, runs)
+    statuses = [StageStatus("prepare", "cached" if inputs else "planned")]
+    for stage in STAGES[1:]:
+        if inputs is None:
+            statuses.append(StageStatus(stage, "planned", detail="inputs not prepared yet"))
+            continue
+        folder = stage_folder(runs, config, stage, inputs)
+        result = read_result(folder)
+        if result is not None and stage not in forced:
+            statuses.append(StageStatus(stage, "cached", folder, miou=result.get("best_miou", result.get("miou"))))
+        else:
+            resumable = (folder / "last.pt").is_file() and stage not in forced
+            statuses.append(StageStatus(stage, "planned", folder, detail="resumes" if resumable else ""))
+    return statuses
+
+
+@dataclass
+class PipelineResult:
+    statuses: list[StageStatus]
+    parent_run_id: str | None
+
+
+def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[str] | None = None) -> PipelineResult:
+    forced = forced_stages(force or [])
+    statuses: list[StageStatus] = []
+    started = time.perf_counter()
+    prepared = prepare_stage(config, runs, force="prepare" in forced)
+    statuses.append(
+        StageStatus(
+            "prepare",
+            "cached" if prepared.cached else "ran",
+            seconds=time.perf_counter() - started,
+            detail=f"{prepared.labeled} labeled, {prepared.unlabeled} unlabeled, {prepared.val} val",
+        )
+    )
+    backend.begin(config, prepared)
+    ok = False
+    try:
+        checkpoint: str | None = None
+        for stage in STAGES[1:]:
+            folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+            result = read_result(folder)
+            if result is not None and stage not in forced:
+                say(f"[{stage}] cached: {folder}")
+                statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result)))
+            else:
+                if stage in forced:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    backend.forget(config, stage, prepared)
+                folder.mkdir(parents=True, exist_ok=True)
+                say(f"[{stage}] running -> {folder}")
+                t0 = time.perf_counter()
+                result = backend.run_stage(config, stage, prepared, folder, checkpoint)
+                statuses.append(StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result)))
+            checkpoint = result.get("checkpoint", checkpoint)
+        ok = True
+    finally:
+        parent = backend.end(ok)
+    return PipelineResult(statuses, parent)
+
+
+def _miou(result: dict) -> float | None:
+    value = result.get("miou", result.get("best_miou"))
+    return None if value is None else float(value)
+
+
+def summary_table(statuses: list[StageStatus]) -> str:
+    lines = [f"{'stage':<10} {'status':<8} {'wall time':>10} {'val mIoU':>9}  detail"]
+    for s in statuses:
+        wall = f"{s.seconds:.1f} s" if s.status == "ran" else "-"
+        miou = f"{s.miou:.2f}" if s.miou is not None else "-"
+        detail = s.detail or (str(s.folder) if s.folder else "")
+        lines.append(f"{s.name:<10} {s.status:<8} {wall:>10} {miou:>9}  {detail}")
+    return "\n".join(lines)

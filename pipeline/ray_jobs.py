@@ -1,0 +1,382 @@
+"""Stages as Ray Train jobs (Train V2): a ``TorchTrainer`` whose workers run the engine.
+
+    s4mim pipeline run shapes-1/8                               # local Ray, started on demand
+    RAY_ADDRESS=head:6379 s4mim pipeline run voc-1/8 --data-root /nfs/VOC2012
+    ray job submit --address http://head:8265 -- s4mim pipeline run voc-1/8 --data-root /nfs/VOC2012
+
+Each stage run has a deterministic ``RunConfig(storage_path, name)``: running the same stage again
+resumes from its last committed checkpoint. Workers report every epoch with a checkpoint holding
+the full training state; ``FailureConfig(max_failures=2)`` replaces failed workers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import UsageError
+from pipeline.paths import slug
+
+STATE_FILE = "state.pt"
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+
+def _reachable(address: str, timeout: float = 3.0) -> bool:
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not host:port; let Ray interpret it
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def connect(address: str | None = None) -> str:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local Ray. Returns a description."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return "connected"
+    if address and address not in ("auto", "local") and not _reachable(address):
+        raise UsageError(
+            f"no Ray cluster answers at {address}; start one with 'ray start --head', fix --ray-address, "
+            "or leave it out to run on a local Ray"
+        )
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except ConnectionError as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    where = f"cluster {address}" if address else "local"
+    return f"Ray {where}: {len(nodes)} node(s), {_describe(ray.cluster_resources())}"
+
+
+def _describe(resources: dict) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def check_fits(config: Config) -> None:
+    """Fail before training when the cluster can never place the requested workers."""
+    import ray
+
+    s = config.scaling
+    need = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    placeable = sum(
+        int(min(node.get(k, 0) // v for k, v in need.items() if v > 0))
+        if any(v > 0 for v in need.values())
+        else s.workers
+        for node in nodes
+    )
+    if placeable < s.workers:
+        have = _describe(ray.cluster_resources())
+        raise UsageError(
+            f"the cluster ({have}) can never fit {s.workers} worker(s) of {s.cpus_per_worker:g} CPU and "
+            f"{s.gpus_per_worker:g} GPU; lower --set scaling.workers / scaling.cpus_per_worker / "
+            "scaling.gpus_per_worker, or add nodes"
+        )
+
+
+def storage_path(runs: Path) -> str:
+    return os.environ.get("S4MIM_STORAGE") or str(runs / "ray")
+
+
+def check_storage(path: str) -> None:
+    """Fail fast when the Ray storage path cannot be written (local folder, NFS or s3://)."""
+    try:
+        if "://" in path:
+            import pyarrow.fs as pafs
+
+            fs, root = pafs.FileSystem.from_uri(path)
+            fs.create_dir(root, recursive=True)
+            probe = f"{root.rstrip('/')}/.write-probe-{os.getpid()}"
+            with fs.open_output_stream(probe) as out:
+                out.write(b"")
+            fs.delete_file(probe)
+        else:
+            folder = Path(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+    except Exception as exc:  # OSError, pyarrow's ArrowException
+        raise UsageError(
+            f"storage path {path} is not writable ({exc}); set S4MIM_RUNS or S4MIM_STORAGE to a writable path"
+        ) from None
+
+
+# -- the workers ---------------------------------------------------------------------------------
+
+
+class RayContext:
+    """The StageContext of a Ray Train worker: checkpoints through ``ray.train.report``."""
+
+    def __init__(self, stage: str, epochs: int, tracking: dict | None):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.stage, self.epochs = stage, epochs
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.started = time.perf_counter()
+        self.logger = None
+        if tracking and self.rank == 0:
+            from pipeline.tracking import StepLogger
+
+            self.logger = StepLogger(tracking["uri"], tracking["run_id"])
+
+    def restore(self) -> dict | None:
+        import ray.train
+        import torch
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        if self.rank == 0:
+            print(f"[{self.stage}] resuming after epoch {state['epoch'] + 1}", flush=True)
+        return state
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger is not None:
+            self.logger.log(metrics, step)
+
+    def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
+        import ray.train
+        import torch
+
+        from pipeline.console import format_metrics
+        from pipeline.local import EPOCH_KEYS
+
+        # Every epoch carries a score: its val mIoU, or -1 where it was not evaluated, so that the
+        # checkpoint manager keeps the best evaluated checkpoint next to the latest one.
+        reported = {**metrics, "val/score": metrics.get("val/miou", -1.0), "epoch": epoch + 1}
+        if self.rank != 0:
+            ray.train.report(reported, checkpoint=None, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+            return
+        if self.logger is not None and "val/miou" in metrics:
+            self.logger.log({"val/miou": metrics["val/miou"]}, epoch + 1, key="val/miou")
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            ray.train.report(
+                reported,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
+            )
+        elapsed = time.perf_counter() - self.started
+        print(
+            f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  {format_metrics(metrics, EPOCH_KEYS)}  ({elapsed:.0f} s)",
+            flush=True,
+        )
+
+
+def _local_checkpoint(path: str | None):
+    """A context manager giving a local state.pt for a checkpoint path or URI."""
+    from contextlib import contextmanager, nullcontext
+
+    if path is None:
+        return nullcontext(None)
+    if "://" not in path and Path(path).is_file():
+        return nullcontext(Path(path))
+
+    @contextmanager
+    def materialise():
+        import ray.train
+
+        with ray.train.Checkpoint(path=path).as_directory() as folder:
+            yield Path(folder) / STATE_FILE
+
+    return materialise()
+
+
+def _worker_loop(loop: dict):
+    """Runs on every Ray Train worker: the stage as plain engine code."""
+    import torch
+
+    from data_prep.decode import read_image  # noqa: F401  (import cost paid before timing)
+    from pipeline.config import Config
+    from pipeline.stages import StageInputs, evaluate, fit
+
+    torch.set_num_threads(max(1, int(loop["threads"])))
+    config = Config.model_validate(loop["config"])
+    stage = loop["stage"]
+    with _local_checkpoint(loop["init_checkpoint"]) as init:
+        inputs = StageInputs(Path(loop["manifest"]), Path(loop["split_dir"]), init, loop["extras"])
+        if stage == "evaluate":
+            import ray.train
+            import ray.train.torch
+
+            context = ray.train.get_context()
+            device = ray.train.torch.get_device()
+            evaluation = evaluate(config, inputs, device, context.get_world_rank(), context.get_world_size())
+            return {
+                "miou": evaluation.miou,
+                "iou": evaluation.iou,
+                "table_csv": evaluation.table_csv,
+                "grid_png": evaluation.grid_png,
+            }
+        schedule = config.warmup if stage == "warmup" else config.train
+        ctx = RayContext(stage, schedule.epochs, loop["tracking"])
+        return fit(config, stage, inputs, ctx)
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+def run_name(config: Config, stage: str, inputs_hash: str) -> str:
+    return f"{slug(config.preset)}-{stage}-{config.stage_hash(stage, inputs_hash)}"
+
+
+def run_job(
+    config: Config,
+    stage: str,
+    prepared,
+    *,
+    storage: str,
+    name: str,
+    init_checkpoint: str | None,
+    tracking: dict | None = None,
+    callbacks: list | None = None,
+):
+    """Run one stage as a TorchTrainer and return the Ray Train ``Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = config.scaling
+    use_gpu = s.gpus_per_worker > 0
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if use_gpu else {})}
+    loop = {
+        "config": config.model_dump(mode="json"),
+        "stage": stage,
+        "manifest": str(prepared.manifest),
+        "split_dir": str(prepared.split_dir),
+        "init_checkpoint": init_checkpoint,
+        "tracking": tracking,
+        "extras": {"mlflow_run_id": tracking["run_id"]} if tracking else {},
+        "threads": s.cpus_per_worker,
+    }
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val/score", checkpoint_score_order="max"
+            ),
+            callbacks=callbacks or [],
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+def best_checkpoint_path(result) -> str:
+    best = result.get_best_checkpoint("val/score", "max") if result.best_checkpoints else None
+    checkpoint = best or result.checkpoint
+    return checkpoint.path if "://" not in str(checkpoint.path) else str(checkpoint.path)
+
+
+class RayBackend:
+    """Runs each training and evaluation stage as a Ray Train job, tracked in MLflow."""
+
+    def __init__(self, runs: Path, tracking_uri: str | None):
+        self.runs = runs
+        self.storage = storage_path(runs)
+        self.tracking_uri = tracking_uri
+        self.pipeline = None  # PipelineTracking, set by begin()
+
+    def begin(self, config: Config, prepared) -> None:
+        if self.tracking_uri:
+            from pipeline.tracking import PipelineTracking
+
+            self.pipeline = PipelineTracking(
+                self.tracking_uri, config, prepared.inputs_hash, prepared.labeled, prepared.content_hash
+            )
+
+    def forget(self, config: Config, stage: str, prepared) -> None:
+        """Remove a stage's Ray run so that it starts from scratch (``--force``)."""
+        import shutil
+
+        target = f"{self.storage.rstrip('/')}/{run_name(config, stage, prepared.inputs_hash)}"
+        if "://" in target:
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(target)
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.delete_dir(path)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+
+    def run_stage(self, config: Config, stage: str, prepared, folder: Path, init_checkpoint) -> dict:
+        from pipeline.local import write_evaluation, write_result
+
+        run_id = self.pipeline.stage_run(stage) if self.pipeline else None
+        tracking = {"uri": self.tracking_uri, "run_id": run_id} if run_id else None
+        name = run_name(config, stage, prepared.inputs_hash)
+        started = time.perf_counter()
+        try:
+            result = run_job(
+                config,
+                stage,
+                prepared,
+                storage=self.storage,
+                name=name,
+                init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
+                tracking=tracking,
+            )
+            if result.error is not None:
+                raise result.error
+        except BaseException:
+            if run_id:
+                self.pipeline.finish(run_id, "FAILED")
+            raise
+        if stage == "evaluate":
+            value = result.return_value
+            from pipeline.stages import Evaluation
+
+            evaluation = Evaluation(value["miou"], value["iou"], value["table_csv"], value["grid_png"], None)
+            out = write_evaluation(folder, evaluation, Path(str(init_checkpoint)))
+            if run_id:
+                self._log_evaluation(run_id, evaluation, folder)
+        else:
+            out = dict(result.return_value or {})
+            out["checkpoint"] = best_checkpoint_path(result)
+            out["ray_run"] = name
+            write_result(folder, out)
+            if run_id and stage == "warmup":
+                self.pipeline.tracker.log_metrics(self.pipeline.parent_id, {"val/miou_warmup": out["best_miou"]}, 0)
+        out["seconds"] = time.perf_counter() - started
+        if run_id:
+            self.pipeline.tracker.log_metrics(run_id, {"stage/seconds": out["seconds"]}, 0)
+            self.pipeline.finish(run_id)
+        return out
+
+    def _log_evaluation(self, run_id: str, evaluation, folder: Path) -> None:
+        tracker = self.pipeline.tracker
+        per_class = {f"val/iou/{name.replace(' ', '_')}": value for name, value in evaluation.iou.items()}
+        tracker.log_metrics(run_id, {"val/miou": evaluation.miou, **per_class}, 0)
+        tracker.log_text(run_id, evaluation.table_csv, "iou.csv")
+        if evaluation.grid_png:
+            tracker.log_bytes(run_id, evaluation.grid_png, "grid.png")
+        tracker.log_metrics(self.pipeline.parent_id, {"val/miou": evaluation.miou}, 0)
+
+    def end(self, ok: bool) -> str | None:
+        if self.pipeline is None:
+            return None
+        self.pipeline.finish(self.pipeline.parent_id, "FINISHED" if ok else "FAILED")
+        return self.pipeline.parent_id

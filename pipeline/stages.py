@@ -1,0 +1,286 @@
+"""The stages of the pipeline, each reading top to bottom: config -> data -> model -> engine -> report.
+
+- ``prepare``: manifest and split files;
+- ``warmup``: supervised training on the labeled split, producing the teacher checkpoint;
+- ``train``: semi-supervised training (the config's variant) from the teacher;
+- ``evaluate``: mIoU, per-class IoU table and a picture grid, from the best train checkpoint.
+
+A training stage talks to the world only through a ``StageContext``: where it resumes from, where
+step metrics go, and what happens to each epoch's report and checkpoint. ``pipeline.local``
+provides one for a plain process (or torchrun), ``pipeline.ray_jobs`` one for Ray Train.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torchvision.io import encode_png
+from torchvision.utils import make_grid
+
+from data_prep.augment import denormalize
+from data_prep.datasets import (
+    EvalDataset,
+    LabeledDataset,
+    ShardedSampler,
+    UnlabeledDataset,
+    eval_indices,
+    size_grouped_batches,
+)
+from data_prep.manifest import Manifest
+from data_prep.palette import voc_palette
+from data_prep.splits import Split, read_split
+from model.masking import apply_patch_mask, patch_mask
+from pipeline.config import Config
+from pipeline.engine import (
+    Engine,
+    build_model,
+    iou_per_class,
+    is_distributed,
+    load_weights,
+    mean_iou,
+    rng_state,
+    set_rng_state,
+)
+
+TRAINING_STAGES = ("warmup", "train")
+
+
+class StageContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def restore(self) -> dict | None:
+        """The last checkpoint state of this stage run, or None for a fresh start."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Step metrics (rank 0's are the ones that count)."""
+
+    def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
+        """End of an epoch: every rank calls it; rank 0's ``state`` is the checkpoint."""
+
+
+@dataclass
+class StageInputs:
+    manifest: Path
+    split_dir: Path
+    init_checkpoint: Path | None = None  # teacher weights for ``train``; the model to score for ``evaluate``
+    extras: dict = field(default_factory=dict)  # stored in every checkpoint (e.g. the MLflow run id)
+
+
+@dataclass
+class TrainData:
+    """Loaders of one rank and the number of steps in an epoch."""
+
+    steps: int
+    labeled: DataLoader
+    unlabeled: DataLoader | None
+    partner: DataLoader | None
+    val: DataLoader
+
+    def set_epoch(self, epoch: int) -> None:
+        for loader in (self.labeled, self.unlabeled, self.partner):
+            if loader is not None:
+                loader.sampler.set_epoch(epoch)
+
+    def batches(self):
+        if self.unlabeled is None:
+            return ((labeled, None, None) for labeled in self.labeled)
+        partner = self.partner if self.partner is not None else iter(lambda: None, 0)
+        return zip(self.labeled, self.unlabeled, partner)
+
+
+def _rows(manifest: Manifest, ids: list[str]) -> list[dict]:
+    by_id = {r["id"]: r for r in manifest.rows()}
+    return [by_id[i] for i in ids]
+
+
+def build_data(config: Config, manifest: Manifest, split: Split, variant: str, rank: int, world: int) -> TrainData:
+    d = config.data
+    batch = d.batch_size
+    semi = variant != "supervised"
+    pool = len(split.unlabeled) if semi else len(split.labeled)
+    steps = max(1, pool // (batch * world))
+    per_rank = steps * batch
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def loader(dataset, stream: int) -> DataLoader:
+        sampler = ShardedSampler(len(dataset), per_rank, rank=rank, world=world, seed=config.seed, stream=stream)
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=d.loader_workers,
+            drop_last=True,
+            generator=gen,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    labeled = loader(LabeledDataset(_rows(manifest, split.labeled), d.crop, d.scale_range, manifest.label_lut), 0)
+    unlabeled = partner = None
+    if semi:
+        u_rows = _rows(manifest, split.unlabeled)
+        make = lambda: UnlabeledDataset(u_rows, d.crop, d.scale_range, config.unimatch.cutmix_p)  # noqa: E731
+        unlabeled = loader(make(), 1)
+        if config.unimatch.cutmix_source == "batch":
+            partner = loader(make(), 2)
+    val = val_loader(config, manifest, split, rank, world)
+    return TrainData(steps, labeled, unlabeled, partner, val)
+
+
+def val_loader(config: Config, manifest: Manifest, split: Split, rank: int, world: int) -> DataLoader:
+    """This rank's share of the val set, equal-size images batched together."""
+    val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
+    batches = size_grouped_batches(val_set.rows, eval_indices(len(val_set), rank, world), config.data.batch_size)
+    return DataLoader(val_set, batch_sampler=batches, num_workers=min(config.data.loader_workers, 2))
+
+
+def gather(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> dict:
+    """Train ``stage`` (warmup or train) to its last epoch, resuming where the context says."""
+    started = time.perf_counter()
+    variant = "supervised" if stage == "warmup" else config.variant
+    schedule = config.warmup if stage == "warmup" else config.train
+    torch.manual_seed(config.seed)
+
+    manifest = Manifest.read(inputs.manifest)
+    split = read_split(inputs.split_dir)
+    data = build_data(config, manifest, split, variant, ctx.rank, ctx.world_size)
+
+    model = build_model(config, manifest.num_classes, reconstruction="cmim" in config.terms(variant))
+    if inputs.init_checkpoint is not None:
+        load_weights(model, load_state(inputs.init_checkpoint)["engine"]["model"])
+
+    engine = Engine(
+        model, config, manifest.num_classes, ctx.device, variant=variant, total_steps=schedule.epochs * data.steps
+    )
+    torch.manual_seed(config.seed + 7919 * ctx.rank)  # ranks draw their own masks and dropout
+    start_epoch, best_miou, last = 0, -1.0, {}
+    state = ctx.restore()
+    if state is not None:
+        engine.load_state_dict(state["engine"])
+        set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
+        start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+        last = state.get("metrics", {})
+
+    for epoch in range(start_epoch, schedule.epochs):
+        data.set_epoch(epoch)
+        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log)
+        metrics["epoch"] = epoch + 1
+        is_best = False
+        if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
+            confusion = engine.evaluate(data.val, config.eval.mode, config.eval_crop, config.eval.stride)
+            metrics["val/miou"] = mean_iou(confusion)
+            is_best = metrics["val/miou"] > best_miou
+            best_miou = max(best_miou, metrics["val/miou"])
+        metrics["val/best_miou"] = best_miou
+        checkpoint = {
+            "engine": engine.state_dict(),
+            "rng": gather(rng_state()),
+            "epoch": epoch,
+            "best_miou": best_miou,
+            "metrics": metrics,
+            "stage": stage,
+            "variant": variant,
+            "config": config.model_dump(mode="json"),
+            "manifest_hash": manifest.content_hash,
+            "classes": list(manifest.classes),
+            **inputs.extras,
+        }
+        ctx.report(metrics, checkpoint, epoch=epoch, best=is_best)
+        last = metrics
+    return {
+        "stage": stage,
+        "variant": variant,
+        "best_miou": best_miou,
+        "metrics": last,
+        "epochs": schedule.epochs,
+        "steps_per_epoch": data.steps,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+@dataclass
+class Evaluation:
+    miou: float
+    iou: dict[str, float]  # per class, NaN where the class occurs nowhere
+    table_csv: str
+    grid_png: bytes
+    confusion: torch.Tensor
+
+
+def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: int = 0, world: int = 1) -> Evaluation:
+    """Score the checkpoint at ``inputs.init_checkpoint`` on the val set; every rank calls it."""
+    manifest = Manifest.read(inputs.manifest)
+    split = read_split(inputs.split_dir)
+    state = load_state(inputs.init_checkpoint)
+    weights = state["engine"]["model"]
+    has_head = any(k.startswith("reconstruction_head.") for k in weights)
+    model = build_model(config, manifest.num_classes, reconstruction=has_head)
+    load_weights(model, weights)
+    engine = Engine(model, config, manifest.num_classes, device, variant="supervised", total_steps=1)
+    val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
+    loader = val_loader(config, manifest, split, rank, world)
+    confusion = engine.evaluate(loader, config.eval.mode, config.eval_crop, config.eval.stride)
+    ious = iou_per_class(confusion)
+    per_class = {name: float(v) * 100 for name, v in zip(manifest.classes, ious)}
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["class", "iou", "pixels"])
+    for (name, value), pixels in zip(per_class.items(), confusion.sum(1).tolist()):
+        writer.writerow([name, f"{value:.2f}", pixels])
+    grid = picture_grid(engine, val_set, config, has_head) if rank == 0 else b""
+    return Evaluation(mean_iou(confusion), per_class, table.getvalue(), grid, confusion.cpu())
+
+
+def _colorize(label: torch.Tensor) -> torch.Tensor:
+    palette = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3) / 255
+    return palette[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
+
+
+@torch.no_grad()
+def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head: bool, side: int = 128) -> bytes:
+    """PNG rows of image | ground truth | prediction | reconstruction of a patch-masked copy."""
+    gen = torch.Generator().manual_seed(config.seed)
+    tiles = []
+    resize = lambda t, mode: torch.nn.functional.interpolate(t[None], size=(side, side), mode=mode)[0]  # noqa: E731
+    for index in range(min(config.eval.grid_images, len(val_set))):
+        sample = val_set[index]
+        image = sample["image"][None]
+        pred = engine.predict(image, config.eval.mode, config.eval_crop, config.eval.stride).argmax(1)[0]
+        if has_head:
+            h, w = image.shape[-2:]
+            masked = patch_mask(1, h, w, config.mim.patch, config.mim.ratio, generator=gen)
+            recon = engine.model(apply_patch_mask(image, masked).to(engine.device), need_reconstruction=True)
+            recon = denormalize(recon.reconstruction[0].float().cpu())
+        else:
+            recon = torch.zeros(3, *image.shape[-2:])
+        tiles += [
+            resize(denormalize(image[0]), "bilinear"),
+            resize(_colorize(sample["label"]), "nearest"),
+            resize(_colorize(pred), "nearest"),
+            resize(recon, "bilinear"),
+        ]
+    if not tiles:
+        return b""
+    grid = make_grid(tiles, nrow=4, padding=2, pad_value=1.0)
+    return encode_png((grid * 255).round().to(torch.uint8)).numpy().tobytes()

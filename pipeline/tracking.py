@@ -1,0 +1,242 @@
+"""MLflow tracking with explicit run ids (SPEC §5).
+
+One parent run per pipeline (found again by its key, so a rerun of the same config appends to it)
+and one child run per stage execution, tagged with ``mlflow.parentRunId``. Only the driver and
+rank 0 log, always through ``MlflowClient`` and a run id, never through the fluent active run. A
+stage's run id is stored in its checkpoints, so a resumed stage appends to its own run; metric
+steps already in the run's history are not logged again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import UsageError
+from pipeline.paths import runs_dir
+
+KEY_TAG = "s4mim.key"
+PARAM_KEYS = (
+    "variant", "seed", "data.dataset", "data.split", "data.crop", "data.batch_size", "model.backbone", "model.init",
+    "optim.lr", "unimatch.threshold", "unimatch.cutmix_source", "unimatch.teacher", "mim.mode", "mim.ratio",
+    "mim.patch", "mim.weight", "mim.max_classes", "mim.on", "fa.weight", "smim.weight", "smim.view",
+    "warmup.epochs", "train.epochs", "scaling.workers",
+)  # fmt: skip
+
+
+def tracking_uri(config: Config | None = None, override: str | None = None) -> str:
+    if override:
+        return override
+    if config is not None and config.tracking.uri:
+        return config.tracking.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast, with the fix, when the tracking store cannot be reached or written."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UsageError(
+                f"MLflow tracking URI {uri} does not answer ({reason}); start the server, or pass "
+                f"--tracking-uri sqlite:///runs/mlflow.db for a local store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(
+                f"MLflow store folder {folder} is not writable ({exc.strerror}); pass another --tracking-uri"
+            ) from None
+
+
+def git_sha() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return sha.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flat_params(config: Config, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    data = config.model_dump(mode="json")
+    out = {}
+    for key in (*PARAM_KEYS, *extra):
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        out[key] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+    return out
+
+
+def run_tags(config: Config, stage: str, labeled: int, config_hash: str, world_size: int) -> dict[str, str]:
+    return {
+        "dataset": config.data.dataset,
+        "split": config.preset
+        if config.preset.startswith(config.data.dataset)
+        else f"{config.data.dataset}-{config.data.split}",
+        "labeled_count": str(labeled),
+        "variant": "supervised" if stage == "warmup" else config.variant,
+        "stage": stage,
+        "git_sha": git_sha(),
+        "config_hash": config_hash,
+        "world_size": str(world_size),
+    }
+
+
+class Tracker:
+    """A thin layer over ``MlflowClient`` that always names the run it writes to."""
+
+    def __init__(self, uri: str):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def find(self, experiment_id: str, key: str, parent_id: str | None = None) -> str | None:
+        """The newest run with this key (and parent), or None."""
+        query = f"tags.`{KEY_TAG}` = '{key}'"
+        if parent_id:
+            query += f" and tags.`mlflow.parentRunId` = '{parent_id}'"
+        runs = self.client.search_runs([experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def create(self, experiment_id: str, key: str, name: str, tags: dict, parent_id: str | None = None) -> str:
+        tags = {**tags, KEY_TAG: key}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        return self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        if new:
+            self.client.log_batch(run_id, params=new)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # NaN is not logged
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def last_step(self, run_id: str, key: str) -> int:
+        history = self.client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=-1)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_bytes(self, run_id: str, data: bytes, name: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(data)
+            parent = str(Path(name).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+
+class StepLogger:
+    """Rank 0's logger inside a stage: skips steps the run already holds (a redone epoch)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.tracker = Tracker(uri)
+        self.run_id = run_id
+        self.logged = {key: self.tracker.last_step(run_id, key) for key in ("train/loss", "val/miou")}
+
+    def log(self, metrics: dict[str, float], step: int, key: str = "train/loss") -> None:
+        if step <= self.logged.get(key, -1):
+            return
+        self.tracker.log_metrics(self.run_id, metrics, step)
+        self.logged[key] = step
+
+
+class PipelineTracking:
+    """The parent run of one pipeline config, and its stage children."""
+
+    def __init__(self, uri: str, config: Config, inputs_hash: str, labeled: int, manifest_hash: str):
+        self.tracker = Tracker(uri)
+        self.config, self.inputs_hash, self.labeled = config, inputs_hash, labeled
+        self.experiment_id = self.tracker.experiment(config.tracking.experiment)
+        key = f"pipeline-{config.stage_hash('evaluate', inputs_hash)}"
+        tags = run_tags(config, "pipeline", labeled, config.stage_hash("evaluate", inputs_hash), config.scaling.workers)
+        tags["manifest_hash"] = manifest_hash
+        found = self.tracker.find(self.experiment_id, key)
+        if found:
+            self.parent_id = found
+            self.tracker.reopen(found)
+        else:
+            name = f"{config.preset} {config.variant}"
+            self.parent_id = self.tracker.create(self.experiment_id, key, name, tags)
+            self.tracker.log_params(self.parent_id, flat_params(config))
+            self.tracker.log_text(self.parent_id, json.dumps(config.model_dump(mode="json"), indent=2), "config.json")
+
+    def stage_run(self, stage: str, fresh: bool = False) -> str:
+        """The child run of ``stage``: the unfinished one to resume, or a new one."""
+        config = self.config
+        stage_hash = config.stage_hash(stage, self.inputs_hash)
+        key = f"{stage}-{stage_hash}"
+        found = None if fresh else self.tracker.find(self.experiment_id, key, self.parent_id)
+        if found and self.tracker.client.get_run(found).info.status != "FINISHED":
+            self.tracker.reopen(found)
+            return found
+        tags = run_tags(config, stage, self.labeled, stage_hash, config.scaling.workers)
+        run_id = self.tracker.create(self.experiment_id, key, f"{config.preset} {stage}", tags, self.parent_id)
+        self.tracker.log_params(run_id, flat_params(config))
+        self.tracker.log_text(run_id, json.dumps(config.model_dump(mode="json"), indent=2), "config.json")
+        return run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.tracker.finish(run_id, status)

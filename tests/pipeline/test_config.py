@@ -1,0 +1,92 @@
+"""Every preset loads; overrides are validated; unknown keys list the valid ones."""
+
+import json
+
+import pytest
+
+from pipeline.config import Config
+from pipeline.errors import UsageError
+from pipeline.presets import BUILTIN, load_preset
+
+EXPECTED = (
+    [f"voc-{n}" for n in (92, 183, 366, 732, 1464)]
+    + [f"voc-1/{n}" for n in (16, 8, 4, 2)]
+    + [f"cityscapes-1/{n}" for n in (16, 8, 4, 2)]
+    + [f"shapes-1/{n}" for n in (16, 8, 4, 2)]
+)
+
+
+def test_every_split_of_the_spec_has_a_preset_and_every_preset_loads():
+    assert sorted(BUILTIN) == sorted(EXPECTED)
+    errors = {}
+    for name in BUILTIN:
+        try:
+            config = load_preset(name)
+            assert config.preset == name
+        except UsageError as exc:
+            errors[name] = str(exc)
+    assert not errors, errors
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(Config)
+
+
+def test_overrides_are_typed_and_validated():
+    config = load_preset("shapes-1/8", ["mim.ratio=0.6", "model.dilations=[1,2,3]", "data.split=92", "mim.conf=null"])
+    assert config.mim.ratio == 0.6 and config.model.dilations == (1, 2, 3)
+    assert config.data.split == "92" and config.mim.conf is None
+    with pytest.raises(UsageError, match="mim.ratio: Input should be less than 1"):
+        load_preset("shapes-1/8", ["mim.ratio=1.5"])
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(UsageError) as err:
+        load_preset("shapes-1/8", ["mim.ratioo=0.5"])
+    assert "unknown key mim.ratioo" in str(err.value) and "ratio, patch" in str(err.value)
+    with pytest.raises(UsageError, match="unknown key optimizer; valid keys in top level: .*optim"):
+        load_preset("shapes-1/8", ["optimizer.lr=1"])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(UsageError, match="unknown preset 'voc-1/9'; valid presets: voc-92"):
+        load_preset("voc-1/9")
+
+
+def test_variant_decides_the_terms():
+    config = load_preset("shapes-1/8")
+    assert config.terms("supervised") == {"x"}
+    assert config.terms("unimatch") == {"x", "s1", "s2", "fp"}
+    assert config.terms("s4mim") == {"x", "s1", "s2", "fp", "cmim", "fa", "smim"}
+    assert "fa" not in load_preset("shapes-1/8", ["fa.weight=0"]).terms()
+
+
+def test_stage_hash_tracks_what_changes_a_stage():
+    base = load_preset("shapes-1/8")
+    changed_method = load_preset("shapes-1/8", ["mim.ratio=0.6"])
+    changed_loader = load_preset("shapes-1/8", ["data.loader_workers=3"])
+    assert base.stage_hash("warmup") == changed_method.stage_hash("warmup")
+    assert base.stage_hash("train") != changed_method.stage_hash("train")
+    assert base.stage_hash("train") == changed_loader.stage_hash("train")
+    assert base.stage_hash("train", "a") != base.stage_hash("train", "b")
+
+
+def test_preset_files(tmp_path):
+    short = tmp_path / "mine.json"
+    short.write_text(json.dumps({"base": "shapes-1/8", "set": {"mim.ratio": 0.7}}))
+    assert load_preset(str(short)).mim.ratio == 0.7
+    assert load_preset(str(short)).preset == "mine"
+    full = tmp_path / "full.json"
+    full.write_text(load_preset("shapes-1/4").model_dump_json())
+    assert load_preset(str(full)).data.split == "1/4"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"base": "shapes-1/8", "set": {"mim.nope": 1}}')
+    with pytest.raises(UsageError, match="unknown key mim.nope"):
+        load_preset(str(broken))

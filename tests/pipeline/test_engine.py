@@ -1,0 +1,186 @@
+"""The engine: a step per variant, resume that reproduces an uninterrupted run, and the metrics."""
+
+import io
+
+import pytest
+import torch
+
+from pipeline.engine import (
+    Engine,
+    build_model,
+    center_crop,
+    confusion_matrix,
+    iou_per_class,
+    mean_iou,
+    poly_lr,
+    rng_state,
+    set_rng_state,
+    sliding_window,
+)
+
+SPEC_TRAIN_METRICS = {"loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "loss_smim", "mask_ratio", "lr"}
+
+
+def _batches(n, seed=0, b=2, size=32, classes=9):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        label = torch.randint(0, classes, (b, size // 8, size // 8), generator=gen)
+        label = label.repeat_interleave(8, 1).repeat_interleave(8, 2)  # blocky classes, like objects
+        labeled = {"image": torch.randn(b, 3, size, size, generator=gen), "label": label,
+                   "padding": torch.zeros(b, size, size, dtype=torch.bool)}  # fmt: skip
+        unl = lambda: {  # noqa: E731
+            "weak": torch.randn(b, 3, size, size, generator=gen),
+            "strong1": torch.randn(b, 3, size, size, generator=gen),
+            "strong2": torch.randn(b, 3, size, size, generator=gen),
+            "padding": torch.zeros(b, size, size, dtype=torch.bool),
+            "box1": torch.rand(b, size, size, generator=gen) > 0.5,
+            "box2": torch.rand(b, size, size, generator=gen) > 0.5,
+        }
+        out.append((labeled, unl(), unl()))
+    return out
+
+
+def _engine(config, variant, seed=0, total=10):
+    torch.manual_seed(seed)
+    model = build_model(config, 9, reconstruction="cmim" in config.terms(variant))
+    return Engine(model, config, 9, torch.device("cpu"), variant=variant, total_steps=total)
+
+
+@pytest.mark.parametrize("variant", ["supervised", "unimatch", "s4mim"])
+def test_step_reports_spec_metric_names(tiny_config, variant):
+    config = tiny_config("unimatch.threshold=0.0")  # every pseudo label counts on random data
+    engine = _engine(config, variant)
+    labeled, unlabeled, partner = _batches(1)[0]
+    metrics = engine.train_step(labeled, unlabeled, partner)
+    expected = {
+        "supervised": {"loss", "loss_x", "lr"},
+        "unimatch": {"loss", "loss_x", "loss_s", "loss_fp", "mask_ratio", "lr"},
+        "s4mim": SPEC_TRAIN_METRICS,
+    }[variant]
+    assert set(metrics) == expected
+    assert all(torch.isfinite(v) for v in metrics.values())
+    if variant == "s4mim":
+        assert metrics["loss_cmim"] > 0 and metrics["loss_fa"] >= 0
+    assert engine.step == 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["unimatch.teacher=ema", "unimatch.cutmix_source=roll", "smim.view=extra", "mim.mode=plain"],
+        ["mim.on=unlabeled", "fa.feature=encoder", "unimatch.feature_perturbation=false"],
+    ],
+)
+def test_each_term_switches_off(tiny_config, extra):
+    for off, term in (("mim.weight=0", "loss_cmim"), ("fa.weight=0", "loss_fa"), ("smim.weight=0", "loss_smim")):
+        config = tiny_config(*extra, off)
+        engine = _engine(config, "s4mim")
+        metrics = engine.train_step(*_batches(1)[0])
+        assert term not in metrics and torch.isfinite(metrics["loss"])
+
+
+def _clone(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_resume_after_n_steps_matches_uninterrupted_run(tiny_config):
+    """Stop after 3 steps, resume in a fresh engine, and check the next steps match exactly."""
+    config = tiny_config("unimatch.teacher=ema", "unimatch.threshold=0.3")
+    batches = _batches(6, seed=3)
+
+    straight = _engine(config, "s4mim", total=6)
+    torch.manual_seed(123)
+    reference = [straight.train_step(*b) for b in batches]
+
+    first = _engine(config, "s4mim", total=6)
+    torch.manual_seed(123)
+    for b in batches[:3]:
+        first.train_step(*b)
+    saved = _clone({"engine": first.state_dict(), "rng": rng_state()})
+    del first
+    torch.manual_seed(999)  # whatever happens in between must not matter
+    resumed = _engine(config, "s4mim", seed=42, total=6)
+    resumed.load_state_dict(saved["engine"])
+    set_rng_state(saved["rng"])
+    after = [resumed.train_step(*b) for b in batches[3:]]
+
+    assert resumed.step == straight.step == 6
+    for ref, got in zip(reference[3:], after):
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), key
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(next(iter(straight.ema.state_dict().values())), next(iter(resumed.ema.state_dict().values())))
+
+
+def test_poly_lr_and_head_multiplier(tiny_config):
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+    engine = _engine(tiny_config("optim.lr=0.02"), "supervised")
+    engine.train_step(*_batches(1)[0][:1])
+    backbone, head = engine.optimizer.param_groups
+    assert head["lr"] == pytest.approx(10 * backbone["lr"]) and backbone["lr"] == pytest.approx(0.02)
+
+
+def test_confusion_matrix_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 5, (3, 7, 9), generator=gen)
+    target = torch.randint(0, 5, (3, 7, 9), generator=gen)
+    target[0, :2] = 255
+    expected = torch.zeros(5, 5, dtype=torch.long)
+    for p, t in zip(pred.flatten().tolist(), target.flatten().tolist()):
+        if t != 255:
+            expected[t, p] += 1
+    got = confusion_matrix(pred, target, 5)
+    assert torch.equal(got, expected)
+    ious = iou_per_class(got)
+    for c in range(5):
+        tp = expected[c, c].item()
+        union = expected[c].sum().item() + expected[:, c].sum().item() - tp
+        assert ious[c].item() == pytest.approx(tp / union)
+    assert mean_iou(got) == pytest.approx(float(ious.mean()) * 100)
+
+
+def test_miou_is_dataset_level_and_skips_absent_classes():
+    # Class 2 never occurs and is never predicted: it does not drag the mean down.
+    confusion = torch.tensor([[3, 1, 0], [0, 4, 0], [0, 0, 0]])
+    assert mean_iou(confusion) == pytest.approx((3 / 4 + 4 / 5) / 2 * 100)
+
+
+class _PixelModel(torch.nn.Module):
+    """Per-pixel classifier (1x1 conv): its output does not depend on the window."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, classes, 1)
+
+    def forward(self, x):
+        from model.deeplab import SegOutput
+
+        return SegOutput(logits=self.conv(x))
+
+
+@pytest.mark.parametrize("classes", [3, 30])
+def test_sliding_window_covers_the_image_for_any_class_count(classes):
+    torch.manual_seed(0)
+    model = _PixelModel(classes)
+    image = torch.randn(2, 3, 37, 53)
+    scores = sliding_window(model, image, classes, window=16, stride=2 / 3)
+    assert scores.shape == (2, classes, 37, 53)
+    assert torch.allclose(scores.sum(1), torch.ones(2, 37, 53), atol=1e-5)  # averaged softmax everywhere
+    assert torch.equal(scores.argmax(1), model(image).logits.argmax(1))
+    whole = sliding_window(model, image, classes, window=64, stride=2 / 3)  # window larger than image
+    assert torch.allclose(whole, model(image).logits.softmax(1), atol=1e-6)
+
+
+def test_center_crop_pads_small_images():
+    image, label = torch.ones(1, 3, 10, 30), torch.zeros(1, 10, 30, dtype=torch.long)
+    img, lab = center_crop(image, label, 20)
+    assert img.shape == (1, 3, 20, 20) and lab.shape == (1, 20, 20)
+    assert (lab == 255).sum() == 20 * 10 and img[0, 0, 0, 0] == 0
