@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.s4mim-installed
+PORT ?= 5000
 
-.PHONY: run test test-slow install lint clean
+.PHONY: run test test-slow install lint sweep ui bench quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,18 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+sweep: install
+	$(BIN)/s4mim sweep default
+
+ui: install
+	$(BIN)/s4mim ui --port $(PORT)
+
+bench: install
+	$(BIN)/s4mim bench --device cpu
+
+quality: install
+	$(BIN)/s4mim quality
 
 clean:
 	rm -rf runs

@@ -63,15 +63,22 @@ class WeakView:
 
 
 class StrongView:
-    """Photometric perturbations applied on top of a weak view (uint8 image)."""
+    """Photometric perturbations applied on top of a weak view (uint8 image). Defaults are UniMatch's."""
 
-    def __init__(self, blur_sigma: tuple[float, float] = (0.1, 2.0)):
+    def __init__(
+        self,
+        jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_p: float = 0.5,
+    ):
         kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
         self.transform = v2.Compose(
             [
-                v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(kernel, sigma=blur_sigma)], p=0.5),
+                v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),
+                v2.RandomGrayscale(p=grayscale_p),
+                v2.RandomApply([v2.GaussianBlur(kernel, sigma=blur_sigma)], p=blur_p),
             ]
         )
 

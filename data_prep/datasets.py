@@ -50,11 +50,11 @@ class LabeledDataset(_Samples):
 class UnlabeledDataset(_Samples):
     """A weak view, two strong views of it, the padding mask and a CutMix box per strong view."""
 
-    def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), cutmix_p: float = 0.5):
+    def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), cutmix_p: float = 0.5, strong: dict | None = None):
         super().__init__(rows)
         self.crop = crop
         self.weak = WeakView(crop, scale_range)
-        self.strong = StrongView()
+        self.strong = StrongView(**(strong or {}))
         self.cutmix_p = cutmix_p
 
     def __getitem__(self, key: Key) -> dict[str, torch.Tensor]:

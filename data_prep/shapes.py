@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -254,28 +258,51 @@ def synthesize(root: Path, seed: int = 0, settings: ShapesSettings = ShapesSetti
     ``progress(done, total)`` is called as images are written.
     """
     total = settings.train + settings.val
-    palette = voc_palette()
+    ids = [f"shapes_{i:05d}" for i in range(total)]
     with atomic_path(Path(root), directory=True) as tmp:
         (tmp / "JPEGImages").mkdir()
         (tmp / "SegmentationClass").mkdir()
         (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
-        ids = [f"shapes_{i:05d}" for i in range(total)]
-        for i, image_id in enumerate(ids):
-            image, label = render(seed, i, settings)
-            (tmp / "JPEGImages" / f"{image_id}.jpg").write_bytes(
-                encode_jpeg(image, quality=settings.jpeg_quality).numpy().tobytes()
-            )
-            mask = Image.fromarray(label.numpy(), mode="P")
-            mask.putpalette(palette)
-            mask.save(tmp / "SegmentationClass" / f"{image_id}.png")
-            if progress is not None:
-                progress(i + 1, total)
+        jobs = [(tmp, seed, start, ids[start : start + _CHUNK], settings) for start in range(0, total, _CHUNK)]
+        workers = min(len(jobs), os.cpu_count() or 1)
+        done = 0
+        # Images are independent, so processes draw them side by side; each is a pure function of (seed, index).
+        with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+            for written in pool.map(_write_chunk, jobs):
+                done += written
+                if progress is not None:
+                    progress(done, total)
         sets = tmp / "ImageSets" / "Segmentation"
         (sets / "train.txt").write_text("\n".join(ids[: settings.train]) + "\n")
         (sets / "val.txt").write_text("\n".join(ids[settings.train :]) + "\n")
         meta = {"generator": "s4mim shapes", "seed": seed, "classes": list(CLASSES), "settings": asdict(settings)}
         (tmp / "shapes.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(root)
+
+
+_CHUNK = 128
+
+
+def _pool_context():
+    """fork is cheap; it is unsafe once Ray's threads run in this process, where spawn is used."""
+    ray = sys.modules.get("ray")
+    if sys.platform == "linux" and not (ray is not None and ray.is_initialized()):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _write_chunk(job) -> int:
+    folder, seed, start, ids, settings = job
+    torch.set_num_threads(1)
+    palette = voc_palette()
+    for offset, image_id in enumerate(ids):
+        image, label = render(seed, start + offset, settings)
+        jpeg = encode_jpeg(image, quality=settings.jpeg_quality).numpy().tobytes()
+        (folder / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg)
+        mask = Image.fromarray(label.numpy(), mode="P")
+        mask.putpalette(palette)
+        mask.save(folder / "SegmentationClass" / f"{image_id}.png")
+    return len(ids)
 
 
 def is_complete(root: Path, seed: int, settings: ShapesSettings = ShapesSettings()) -> bool:

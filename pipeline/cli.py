@@ -30,8 +30,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate the embedded dataset and prepare manifests.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Run the whole chain of stages.", no_args_is_help=True)
+runs_app = typer.Typer(help="Compare tracked runs across labeled splits.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(runs_app, name="runs")
 
 PresetArg = Annotated[str, typer.Argument(help="Preset name (s4mim presets lists them) or a preset JSON file.")]
 SetOpt = Annotated[
@@ -178,21 +180,19 @@ def _under_torchrun() -> bool:
 
 def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool):
     """The backend for this command, after checking everything it needs, before any training."""
-    from pipeline.console import say
 
     if local or _under_torchrun():
         from pipeline.local import LocalBackend
 
         return LocalBackend()
-    from pipeline.ray_jobs import RayBackend, check_fits, check_storage, connect, storage_path
+    from pipeline.ray_jobs import RayBackend, check_reachable, check_storage, storage_path
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
     uri = tracking_uri(config, tracking)
     check_tracking_uri(uri)
     check_storage(storage_path(runs))
-    say(connect(ray_address))
-    check_fits(config)
-    return RayBackend(runs, uri)
+    check_reachable(ray_address)
+    return RayBackend(runs, uri, ray_address)  # joins Ray in begin(), once the data is prepared
 
 
 def _prepared(config, runs):
@@ -344,6 +344,154 @@ def pipeline_run(
 
         typer.echo(f"MLflow parent run: {result.parent_run_id}")
         typer.echo(f"open the UI with: make ui   (or: s4mim ui --tracking-uri {resolve_uri(config, tracking_uri)})")
+
+
+@app.command()
+def sweep(
+    spec: Annotated[str, typer.Argument(help="Sweep spec: a name in sweeps/specs (e.g. default) or a JSON file.")],
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Discard an earlier run of this sweep and start over.")
+    ] = False,
+) -> None:
+    """Ray Tune over a spec's search space, ASHA on val/miou; writes the best config as a preset."""
+    from sweeps.runner import run_sweep, trial_table
+    from sweeps.spec import load_spec
+
+    sweep_spec = load_spec(spec)
+    base = sweep_spec.base_config()
+    runs = _runs()
+    backend = _backend(base, runs, ray_address, tracking_uri, local=False)
+    outcome = run_sweep(sweep_spec, runs, backend, fresh=fresh)
+    typer.echo("")
+    typer.echo(trial_table(outcome.rows, sweep_spec))
+    stopped = sum(r.status == "stopped" for r in outcome.rows)
+    typer.echo(f"{len(outcome.rows)} trials, {stopped} stopped early by ASHA")
+    if outcome.best is not None:
+        typer.echo(f"best: trial {outcome.best.trial_id}, {sweep_spec.metric} {outcome.best.metric:.2f}")
+        typer.echo(
+            f"best config written to {outcome.preset_file}; train it with: s4mim pipeline run {outcome.preset_file}"
+        )
+    if outcome.parent_run_id:
+        typer.echo(f"MLflow sweep run: {outcome.parent_run_id}; open the UI with: make ui")
+
+
+ExperimentOpt = Annotated[str, typer.Option(help="MLflow experiment.")]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="Keep runs with this tag: key=value (repeatable).")]
+
+
+@runs_app.command("compare")
+def runs_compare(
+    experiment: ExperimentOpt = "s4mim",
+    tag: TagOpt = None,
+    stage: Annotated[
+        str, typer.Option(help="Which runs: pipeline (parents), sweep, warmup, train or evaluate.")
+    ] = "pipeline",
+    format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """A table of runs grouped by split: mIoU, variant and the parameters that differ."""
+    from pipeline.compare import fetch_runs, parse_tag_filters, render
+    from pipeline.tracking import check_tracking_uri
+    from pipeline.tracking import tracking_uri as resolve
+
+    if format not in ("table", "csv", "json"):
+        raise UsageError(f"--format {format!r}: choose table, csv or json")
+    uri = resolve(None, tracking_uri)
+    check_tracking_uri(uri)
+    rows = fetch_runs(uri, experiment, parse_tag_filters(tag or []), stage)
+    if not rows:
+        raise UsageError(f"no {stage} runs match in experiment {experiment!r}; run 's4mim pipeline run PRESET' first")
+    typer.echo(render(rows, format))
+
+
+@runs_app.command("plot")
+def runs_plot(
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("runs/plots/miou.png"),
+    sweep: Annotated[str | None, typer.Option(help="Plot a sweep's trials against each swept knob.")] = None,
+    experiment: ExperimentOpt = "s4mim",
+    tag: TagOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """PNG of mIoU against labeled fraction (a line per variant), or against a sweep's knobs."""
+    from pipeline.compare import fetch_runs, parse_tag_filters, plot_splits, plot_sweep
+    from pipeline.tracking import check_tracking_uri
+    from pipeline.tracking import tracking_uri as resolve
+
+    uri = resolve(None, tracking_uri)
+    check_tracking_uri(uri)
+    filters = parse_tag_filters(tag or [])
+    if sweep:
+        path = plot_sweep(fetch_runs(uri, experiment, {**filters, "sweep_id": sweep}, "train"), sweep, out)
+    else:
+        path = plot_splits(fetch_runs(uri, experiment, filters, "pipeline"), out)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def bench(
+    device: Annotated[
+        str, typer.Option(help="cpu (shapes-1/8 model) or cuda (DeepLabV3+ ResNet-101, crop 321).")
+    ] = "cpu",
+    steps: Annotated[int, typer.Option(help="Measured steps per row (after the warm-up steps).")] = 12,
+    warmup: Annotated[int, typer.Option(help="Unmeasured steps first.")] = 3,
+    out: Annotated[Path, typer.Option(help="JSON file the figures are kept in (one entry per device).")] = Path(
+        "bench/results.json"
+    ),
+    compile: Annotated[bool, typer.Option("--compile", help="GPU: also time torch.compile.")] = False,
+    ray_epoch: Annotated[
+        bool, typer.Option("--ray-epoch/--no-ray-epoch", help="CPU: also time a Ray Train epoch against a plain one.")
+    ] = True,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="A tiny model and batch: a smoke test of the benchmark.")
+    ] = False,
+) -> None:
+    """Median step time of supervised, UniMatch and S4MIM steps (and each S4MIM term alone); JSON last line."""
+    from pipeline.bench import print_report, run_bench
+
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: choose cpu or cuda")
+    if steps < 1 or warmup < 0:
+        raise UsageError("--steps must be at least 1 and --warmup at least 0")
+    report = run_bench(device, steps, warmup, out, compile_model=compile, with_ray=ray_epoch, tiny=tiny)
+    print_report(report)
+
+
+@app.command()
+def quality(
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeatable; default 0 1 2).")] = None,
+    epochs: Annotated[int, typer.Option(help="Train-stage epochs, the same for every variant.")] = 6,
+    steps: Annotated[int, typer.Option(help="Steps per train epoch.")] = 90,
+    docs: Annotated[Path, typer.Option(help="Folder for results.md and results.png.")] = Path("docs"),
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """The ablation at 1/8 labels on shapes (6 variants x seeds, one fixed budget); writes docs/results.md."""
+    from pipeline.local import read_result
+    from pipeline.orchestrate import stage_folder
+    from pipeline.prepare import prepare_stage
+    from pipeline.presets import load_preset
+    from pipeline.quality import PRESET, run_quality, write_results
+
+    seeds = seeds or [0, 1, 2]
+    if epochs < 1 or steps < 1:
+        raise UsageError("--epochs and --steps must be at least 1")
+    runs = _runs()
+    probe = load_preset(PRESET)
+    backend = _backend(probe, runs, ray_address, tracking_uri, local=False)
+    cells, wall = run_quality(seeds, epochs, steps, runs, lambda config: backend)
+    warmup = {}
+    for seed in seeds:
+        config = load_preset(PRESET, [f"seed={seed}"])
+        prepared = prepare_stage(config, runs)
+        result = read_result(stage_folder(runs, config, "warmup", prepared.inputs_hash))
+        if result:
+            warmup[seed] = result["best_miou"]
+    path = write_results(cells, seeds, epochs, steps, wall, warmup, docs)
+    for cell in cells:
+        typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")
+    typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 @app.command()

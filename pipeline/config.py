@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,6 +86,19 @@ class UniMatchConfig(Section):
         "self", description="Pseudo-labeler: the model itself (UniMatch) or an EMA copy of it."
     )
     ema_decay: float = Field(0.999, gt=0, lt=1, description="Decay of the EMA teacher.")
+    strong_jitter: tuple[float, float, float, float] = Field(
+        (0.5, 0.5, 0.5, 0.25),
+        description="Colour jitter of the strong views: brightness, contrast, saturation, hue. Set hue 0 where "
+        "colour tells classes apart.",
+    )
+    strong_jitter_p: float = Field(0.8, ge=0, le=1, description="Probability of colour jitter in a strong view.")
+    strong_grayscale_p: float = Field(
+        0.2, ge=0, le=1, description="Probability of grayscale in a strong view (0 where colour tells classes apart)."
+    )
+    strong_blur_sigma: tuple[float, float] = Field(
+        (0.1, 2.0), description="Range of the Gaussian blur sigma in pixels (UniMatch's, at crop 321)."
+    )
+    strong_blur_p: float = Field(0.5, ge=0, le=1, description="Probability of blur in a strong view.")
 
 
 class MIMConfig(Section):
@@ -140,7 +154,19 @@ class OptimConfig(Section):
 
 class StageConfig(Section):
     epochs: int = Field(..., ge=1, description="Epochs of this stage.")
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Steps in an epoch; null means one pass over the pool (unlabeled for train, labeled for "
+        "warmup). Shorter epochs give sweeps more evaluations to stop trials on.",
+    )
     eval_every: int = Field(1, ge=1, description="Evaluate on the val set every this many epochs (and at the end).")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Backbone learning rate of this stage; null means optim.lr. A short train stage that starts "
+        "from a converged teacher wants a lower one than the warmup.",
+    )
 
 
 class EvalConfig(Section):
@@ -300,6 +326,17 @@ def apply_overrides(config: Config, overrides: list[str] | dict[str, object]) ->
             node = node[part]
         node[path[-1]] = value
     return validate_config(data)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a user's file, or a UsageError naming the file and the problem."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path}: expected a JSON object")
+    return data
 
 
 def validate_config(data: dict) -> Config:

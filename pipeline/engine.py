@@ -129,6 +129,7 @@ class Engine:
         *,
         variant: str,
         total_steps: int,
+        lr: float | None = None,
     ):
         self.config, self.num_classes, self.device = config, num_classes, device
         self.variant, self.total_steps = variant, total_steps
@@ -146,16 +147,13 @@ class Engine:
             if is_distributed()
             else model
         )
+        lr = lr or optim.lr
         self.optimizer = torch.optim.SGD(
             [
-                {"params": list(model.backbone.parameters()), "lr": optim.lr, "base_lr": optim.lr},
-                {
-                    "params": model.head_parameters(),
-                    "lr": optim.lr * optim.head_lr_mult,
-                    "base_lr": optim.lr * optim.head_lr_mult,
-                },
+                {"params": list(model.backbone.parameters()), "lr": lr, "base_lr": lr},
+                {"params": model.head_parameters(), "lr": lr * optim.head_lr_mult, "base_lr": lr * optim.head_lr_mult},
             ],
-            lr=optim.lr,
+            lr=lr,
             momentum=optim.momentum,
             weight_decay=optim.weight_decay,
         )

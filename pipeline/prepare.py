@@ -35,6 +35,10 @@ class Prepared:
     def inputs_hash(self) -> str:
         return f"{self.content_hash}-{self.split_hash}"
 
+    @property
+    def labeled_fraction(self) -> float:
+        return self.labeled / max(1, self.labeled + self.unlabeled)
+
 
 def dataset_root(config: Config) -> Path:
     """``data.root``, or ``$S4MIM_DATA/<dataset>`` (``shapes-seedN`` for another shapes seed)."""

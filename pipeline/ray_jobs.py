@@ -11,13 +11,16 @@ the full training state; ``FailureConfig(max_failures=2)`` replaces failed worke
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.paths import slug
 
@@ -39,19 +42,30 @@ def _reachable(address: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def connect(address: str | None = None) -> str:
-    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local Ray. Returns a description."""
-    import ray
-
+def check_reachable(address: str | None) -> None:
+    """Fail fast when a named cluster does not answer (before any data is prepared)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if ray.is_initialized():
-        return "connected"
     if address and address not in ("auto", "local") and not _reachable(address):
         raise UsageError(
             f"no Ray cluster answers at {address}; start one with 'ray start --head', fix --ray-address, "
             "or leave it out to run on a local Ray"
         )
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
+
+
+def connect(address: str | None = None) -> str:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local Ray. Returns a description.
+
+    A local Ray starts with its dashboard: Ray Train's placement-group cleaner and Tune's release of
+    stopped trials go through the state API it serves.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return "connected"
+    check_reachable(address)
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
@@ -117,6 +131,12 @@ def check_storage(path: str) -> None:
 # -- the workers ---------------------------------------------------------------------------------
 
 
+def _emit(line: str) -> None:
+    """One progress line from a worker (Ray Train echoes ``print`` a second time through its logger)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class RayContext:
     """The StageContext of a Ray Train worker: checkpoints through ``ray.train.report``."""
 
@@ -145,7 +165,12 @@ class RayContext:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         if self.rank == 0:
-            print(f"[{self.stage}] resuming after epoch {state['epoch'] + 1}", flush=True)
+            _emit(f"[{self.stage}] resuming after epoch {state['epoch'] + 1}")
+            stored = state.get("mlflow_run_id")
+            if self.logger is not None and stored and stored != self.logger.run_id:
+                from pipeline.tracking import StepLogger
+
+                self.logger = StepLogger(self.logger.tracker.uri, stored)  # the run this state was logged to
         return state
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -175,9 +200,8 @@ class RayContext:
                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
             )
         elapsed = time.perf_counter() - self.started
-        print(
-            f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  {format_metrics(metrics, EPOCH_KEYS)}  ({elapsed:.0f} s)",
-            flush=True,
+        _emit(
+            f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  {format_metrics(metrics, EPOCH_KEYS)}  ({elapsed:.0f} s)"
         )
 
 
@@ -202,21 +226,22 @@ def _local_checkpoint(path: str | None):
 
 def _worker_loop(loop: dict):
     """Runs on every Ray Train worker: the stage as plain engine code."""
+    import ray
+    import ray.train
+    import ray.train.torch
     import torch
 
-    from data_prep.decode import read_image  # noqa: F401  (import cost paid before timing)
     from pipeline.config import Config
-    from pipeline.stages import StageInputs, evaluate, fit
+    from pipeline.stages import StageInputs, evaluate, fit, gather
 
+    # Ray Train sets the worker's root logger to INFO; its per-report records would flood the console.
+    logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(loop["threads"])))
     config = Config.model_validate(loop["config"])
     stage = loop["stage"]
     with _local_checkpoint(loop["init_checkpoint"]) as init:
         inputs = StageInputs(Path(loop["manifest"]), Path(loop["split_dir"]), init, loop["extras"])
         if stage == "evaluate":
-            import ray.train
-            import ray.train.torch
-
             context = ray.train.get_context()
             device = ray.train.torch.get_device()
             evaluation = evaluate(config, inputs, device, context.get_world_rank(), context.get_world_size())
@@ -227,8 +252,10 @@ def _worker_loop(loop: dict):
                 "grid_png": evaluation.grid_png,
             }
         schedule = config.warmup if stage == "warmup" else config.train
-        ctx = RayContext(stage, schedule.epochs, loop["tracking"])
-        return fit(config, stage, inputs, ctx)
+        result = fit(config, stage, inputs, RayContext(stage, schedule.epochs, loop["tracking"]))
+    result["worker_nodes"] = gather(ray.get_runtime_context().get_node_id())
+    result["world_size"] = len(result["worker_nodes"])
+    return result
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -294,18 +321,22 @@ def best_checkpoint_path(result) -> str:
 class RayBackend:
     """Runs each training and evaluation stage as a Ray Train job, tracked in MLflow."""
 
-    def __init__(self, runs: Path, tracking_uri: str | None):
+    def __init__(self, runs: Path, tracking_uri: str | None, address: str | None = None):
         self.runs = runs
         self.storage = storage_path(runs)
         self.tracking_uri = tracking_uri
+        self.address = address
         self.pipeline = None  # PipelineTracking, set by begin()
 
-    def begin(self, config: Config, prepared) -> None:
+    def begin(self, config: Config, prepared, *, parent_key=None, parent_name=None, parent_tags=None) -> None:
+        """Join Ray, check the workers fit, and open the parent run (the pipeline's, or a sweep's)."""
+        say(connect(self.address))
+        check_fits(config)
         if self.tracking_uri:
             from pipeline.tracking import PipelineTracking
 
             self.pipeline = PipelineTracking(
-                self.tracking_uri, config, prepared.inputs_hash, prepared.labeled, prepared.content_hash
+                self.tracking_uri, config, prepared, key=parent_key, name=parent_name, tags=parent_tags
             )
 
     def forget(self, config: Config, stage: str, prepared) -> None:

@@ -103,12 +103,14 @@ def _rows(manifest: Manifest, ids: list[str]) -> list[dict]:
     return [by_id[i] for i in ids]
 
 
-def build_data(config: Config, manifest: Manifest, split: Split, variant: str, rank: int, world: int) -> TrainData:
+def build_data(
+    config: Config, manifest: Manifest, split: Split, variant: str, rank: int, world: int, steps: int | None = None
+) -> TrainData:
     d = config.data
     batch = d.batch_size
     semi = variant != "supervised"
     pool = len(split.unlabeled) if semi else len(split.labeled)
-    steps = max(1, pool // (batch * world))
+    steps = steps or max(1, pool // (batch * world))
     per_rank = steps * batch
     gen = torch.Generator().manual_seed(config.seed)
 
@@ -119,6 +121,7 @@ def build_data(config: Config, manifest: Manifest, split: Split, variant: str, r
             batch_size=batch,
             sampler=sampler,
             num_workers=d.loader_workers,
+            persistent_workers=d.loader_workers > 0,  # the sampler re-seeds each epoch in this process
             drop_last=True,
             generator=gen,
             pin_memory=torch.cuda.is_available(),
@@ -128,7 +131,10 @@ def build_data(config: Config, manifest: Manifest, split: Split, variant: str, r
     unlabeled = partner = None
     if semi:
         u_rows = _rows(manifest, split.unlabeled)
-        make = lambda: UnlabeledDataset(u_rows, d.crop, d.scale_range, config.unimatch.cutmix_p)  # noqa: E731
+        u = config.unimatch
+        strong = {"jitter": u.strong_jitter, "jitter_p": u.strong_jitter_p, "grayscale_p": u.strong_grayscale_p,
+                  "blur_sigma": u.strong_blur_sigma, "blur_p": u.strong_blur_p}  # fmt: skip
+        make = lambda: UnlabeledDataset(u_rows, d.crop, d.scale_range, u.cutmix_p, strong)  # noqa: E731
         unlabeled = loader(make(), 1)
         if config.unimatch.cutmix_source == "batch":
             partner = loader(make(), 2)
@@ -152,7 +158,9 @@ def gather(obj) -> list:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint file, or a Ray Train checkpoint folder holding ``state.pt``."""
+    path = Path(path)
+    return torch.load(path / "state.pt" if path.is_dir() else path, map_location="cpu", weights_only=False)
 
 
 def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> dict:
@@ -164,15 +172,16 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
 
     manifest = Manifest.read(inputs.manifest)
     split = read_split(inputs.split_dir)
-    data = build_data(config, manifest, split, variant, ctx.rank, ctx.world_size)
+    data = build_data(config, manifest, split, variant, ctx.rank, ctx.world_size, schedule.steps_per_epoch)
 
     model = build_model(config, manifest.num_classes, reconstruction="cmim" in config.terms(variant))
     if inputs.init_checkpoint is not None:
         load_weights(model, load_state(inputs.init_checkpoint)["engine"]["model"])
 
     engine = Engine(
-        model, config, manifest.num_classes, ctx.device, variant=variant, total_steps=schedule.epochs * data.steps
-    )
+        model, config, manifest.num_classes, ctx.device,
+        variant=variant, total_steps=schedule.epochs * data.steps, lr=schedule.lr,
+    )  # fmt: skip
     torch.manual_seed(config.seed + 7919 * ctx.rank)  # ranks draw their own masks and dropout
     start_epoch, best_miou, last = 0, -1.0, {}
     state = ctx.restore()
@@ -182,7 +191,9 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
         last = state.get("metrics", {})
 
+    epoch_seconds = []
     for epoch in range(start_epoch, schedule.epochs):
+        epoch_started = time.perf_counter()
         data.set_epoch(epoch)
         metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log)
         metrics["epoch"] = epoch + 1
@@ -207,6 +218,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
             **inputs.extras,
         }
         ctx.report(metrics, checkpoint, epoch=epoch, best=is_best)
+        epoch_seconds.append(time.perf_counter() - epoch_started)
         last = metrics
     return {
         "stage": stage,
@@ -215,6 +227,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         "metrics": last,
         "epochs": schedule.epochs,
         "steps_per_epoch": data.steps,
+        "epoch_seconds": epoch_seconds,
         "seconds": time.perf_counter() - started,
     }
 

@@ -113,8 +113,12 @@ class Tracker:
     """A thin layer over ``MlflowClient`` that always names the run it writes to."""
 
     def __init__(self, uri: str):
+        import logging
+
         from mlflow import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # schema creation and migrations talk at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
 
@@ -206,20 +210,31 @@ class StepLogger:
 class PipelineTracking:
     """The parent run of one pipeline config, and its stage children."""
 
-    def __init__(self, uri: str, config: Config, inputs_hash: str, labeled: int, manifest_hash: str):
+    def __init__(
+        self,
+        uri: str,
+        config: Config,
+        prepared,
+        *,
+        key: str | None = None,
+        name: str | None = None,
+        tags: dict | None = None,
+    ):
         self.tracker = Tracker(uri)
-        self.config, self.inputs_hash, self.labeled = config, inputs_hash, labeled
+        self.config, self.inputs_hash, self.labeled = config, prepared.inputs_hash, prepared.labeled
         self.experiment_id = self.tracker.experiment(config.tracking.experiment)
-        key = f"pipeline-{config.stage_hash('evaluate', inputs_hash)}"
-        tags = run_tags(config, "pipeline", labeled, config.stage_hash("evaluate", inputs_hash), config.scaling.workers)
-        tags["manifest_hash"] = manifest_hash
+        config_hash = config.stage_hash("evaluate", self.inputs_hash)
+        key = key or f"pipeline-{config_hash}"
+        run_tags_ = run_tags(config, "pipeline", prepared.labeled, config_hash, config.scaling.workers)
+        run_tags_ |= {"manifest_hash": prepared.content_hash, "labeled_fraction": f"{prepared.labeled_fraction:.6g}"}
+        run_tags_ |= tags or {}
         found = self.tracker.find(self.experiment_id, key)
         if found:
             self.parent_id = found
             self.tracker.reopen(found)
         else:
-            name = f"{config.preset} {config.variant}"
-            self.parent_id = self.tracker.create(self.experiment_id, key, name, tags)
+            name = name or f"{config.preset} {config.variant}"
+            self.parent_id = self.tracker.create(self.experiment_id, key, name, run_tags_)
             self.tracker.log_params(self.parent_id, flat_params(config))
             self.tracker.log_text(self.parent_id, json.dumps(config.model_dump(mode="json"), indent=2), "config.json")
 

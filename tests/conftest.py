@@ -27,6 +27,7 @@ TINY_OVERRIDES = [
     "warmup.epochs=1",
     "train.epochs=1",
     "eval.grid_images=2",
+    "scaling.cpus_per_worker=1",
 ]
 
 

@@ -22,23 +22,9 @@ SPEC_TRAIN_METRICS = {"loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_
 
 
 def _batches(n, seed=0, b=2, size=32, classes=9):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        label = torch.randint(0, classes, (b, size // 8, size // 8), generator=gen)
-        label = label.repeat_interleave(8, 1).repeat_interleave(8, 2)  # blocky classes, like objects
-        labeled = {"image": torch.randn(b, 3, size, size, generator=gen), "label": label,
-                   "padding": torch.zeros(b, size, size, dtype=torch.bool)}  # fmt: skip
-        unl = lambda: {  # noqa: E731
-            "weak": torch.randn(b, 3, size, size, generator=gen),
-            "strong1": torch.randn(b, 3, size, size, generator=gen),
-            "strong2": torch.randn(b, 3, size, size, generator=gen),
-            "padding": torch.zeros(b, size, size, dtype=torch.bool),
-            "box1": torch.rand(b, size, size, generator=gen) > 0.5,
-            "box2": torch.rand(b, size, size, generator=gen) > 0.5,
-        }
-        out.append((labeled, unl(), unl()))
-    return out
+    from pipeline.bench import random_batches
+
+    return random_batches(n, b, size, classes, torch.device("cpu"), seed)
 
 
 def _engine(config, variant, seed=0, total=10):

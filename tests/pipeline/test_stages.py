@@ -27,7 +27,7 @@ def _fit(config, folder, prepared, context=LocalContext, stage="train", init=Non
 
 
 def test_interrupted_stage_resumes_to_the_same_weights(tiny_config, runs, tmp_path):
-    config = tiny_config("train.epochs=2", "unimatch.threshold=0.5")
+    config = tiny_config("train.epochs=2", "train.steps_per_epoch=2", "unimatch.threshold=0.5")
     prepared = prepare_stage(config, runs)
     _fit(config, tmp_path / "warm", prepared, stage="warmup")
     teacher = tmp_path / "warm" / "last.pt"

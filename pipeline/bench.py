@@ -1,0 +1,246 @@
+"""``s4mim bench`` / ``make bench``: what an S4MIM training step costs.
+
+    make bench                                  # CPU: shapes-1/8 model and batch, plus the Ray Train epoch
+    s4mim bench --device cuda                   # GPU: DeepLabV3+ ResNet-101, crop 321, batch 8; torch only
+
+Each row is the median wall time of one training step after warm-up steps, on the same model
+and batches. The s4mim row takes 2 classes per image on labeled and unlabeled images and CutMix
+partners from a second batch, whatever the preset's defaults, so it measures the implementation
+rather than a cheaper setting; cheaper settings are extra rows. The last line printed is one JSON
+object; the figures also go to bench/results.json (one entry per device), with the git sha and
+the machine. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.atomic import write_text
+from pipeline.config import Config, apply_overrides
+from pipeline.console import say
+from pipeline.engine import Engine, build_model
+from pipeline.presets import load_preset
+
+MEASURED = {"mim.max_classes": 2, "mim.on": "both", "unimatch.cutmix_source": "batch"}
+ROWS = {
+    "supervised": ("supervised", {}),
+    "unimatch": ("unimatch", {}),
+    "s4mim": ("s4mim", {}),
+    "s4mim_cmim_only": ("s4mim", {"fa.weight": 0, "smim.weight": 0}),
+    "s4mim_fa_only": ("s4mim", {"mim.weight": 0, "smim.weight": 0}),
+    "s4mim_smim_only": ("s4mim", {"mim.weight": 0, "fa.weight": 0}),
+    # Cheaper settings, for reference.
+    "s4mim_1_class": ("s4mim", {"mim.max_classes": 1}),
+    "s4mim_roll": ("s4mim", {"unimatch.cutmix_source": "roll"}),
+}
+GPU_ROWS = ("unimatch", "s4mim")
+TINY = {
+    "data.crop": 32, "data.batch_size": 2, "model.aspp_channels": 16, "model.decoder_channels": 16,
+    "model.low_level_channels": 8, "mim.patch": 8, "mim.min_pixels": 4,
+}  # fmt: skip
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def random_batches(n: int, batch: int, crop: int, classes: int, device: torch.device, seed: int = 0) -> list:
+    """Synthetic batches with blocky labels: for timing where no dataset is at hand (GPU machines)."""
+    gen = torch.Generator().manual_seed(seed)
+    cell = max(8, crop // 8)
+
+    def labels():
+        grid = torch.randint(0, classes, (batch, -(-crop // cell), -(-crop // cell)), generator=gen)
+        return grid.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, :crop, :crop]
+
+    def unlabeled():
+        return {
+            "weak": torch.randn(batch, 3, crop, crop, generator=gen),
+            "strong1": torch.randn(batch, 3, crop, crop, generator=gen),
+            "strong2": torch.randn(batch, 3, crop, crop, generator=gen),
+            "padding": torch.zeros(batch, crop, crop, dtype=torch.bool),
+            "box1": torch.rand(batch, crop, crop, generator=gen) > 0.6,
+            "box2": torch.rand(batch, crop, crop, generator=gen) > 0.6,
+        }
+
+    out = []
+    for _ in range(n):
+        labeled = {"image": torch.randn(batch, 3, crop, crop, generator=gen), "label": labels(),
+                   "padding": torch.zeros(batch, crop, crop, dtype=torch.bool)}  # fmt: skip
+        out.append(tuple({k: v.to(device) for k, v in part.items()} for part in (labeled, unlabeled(), unlabeled())))
+    return out
+
+
+def dataset_batches(config: Config, runs: Path, n: int) -> tuple[list, int]:
+    """Real batches of the preset's dataset (prepared on demand), and its class count."""
+    from data_prep.manifest import Manifest
+    from data_prep.splits import read_split
+    from pipeline.prepare import prepare_stage
+    from pipeline.stages import build_data
+
+    prepared = prepare_stage(config, runs)
+    manifest = Manifest.read(prepared.manifest)
+    data = build_data(config, manifest, read_split(prepared.split_dir), "s4mim", 0, 1)
+    data.set_epoch(0)
+    batches = []
+    for item in data.batches():
+        batches.append(item)
+        if len(batches) == n:
+            break
+    return batches, manifest.num_classes
+
+
+def time_row(config: Config, variant: str, batches: list, classes: int, device, steps: int, warmup: int,
+             compile_model: bool = False) -> dict:  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(config, classes, reconstruction="cmim" in config.terms(variant))
+    engine = Engine(model, config, classes, device, variant=variant, total_steps=10_000)
+    if compile_model:
+        engine.net = torch.compile(engine.model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        labeled, unlabeled, partner = batches[i % len(batches)]
+        if variant == "supervised":
+            unlabeled = partner = None
+        sync()
+        started = time.perf_counter()
+        engine.train_step(labeled, unlabeled, partner)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    images = batches[0][0]["image"].shape[0] * (1 if variant == "supervised" else 2)
+    row = {"median_s": median, "img_per_s": images / median, "steps": steps}
+    if device.type == "cuda":
+        row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def ray_epoch_ratio(config: Config, runs: Path, steps: int, repeats: int = 2) -> dict:
+    """One train epoch as a 1-worker TorchTrainer against the same epoch in this process.
+
+    Both time the epoch from its first step to its report (checkpoint included), on the same data
+    and seed; Ray's start and the worker's set-up are outside the measured span.
+    """
+    import ray
+
+    from pipeline.local import LocalContext
+    from pipeline.prepare import prepare_stage
+    from pipeline.ray_jobs import connect, run_job
+    from pipeline.stages import StageInputs, fit
+
+    config = apply_overrides(config, {"train.epochs": 1, "train.steps_per_epoch": steps, "scaling.workers": 1})
+    prepared = prepare_stage(config, runs)
+    connect(None)
+    plain, remote = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            ctx = LocalContext("train", Path(tmp) / f"plain{i}", 0, 1, torch.device("cpu"), 1)
+            plain += fit(config, "train", StageInputs(prepared.manifest, prepared.split_dir), ctx)["epoch_seconds"]
+            result = run_job(config, "train", prepared, storage=str(Path(tmp) / "ray"), name=f"bench-{i}",
+                             init_checkpoint=None)  # fmt: skip
+            remote += result.return_value["epoch_seconds"]
+    ray.shutdown()
+    return {"plain_epoch_s": statistics.median(plain), "ray_epoch_s": statistics.median(remote),
+            "ray_epoch_ratio": statistics.median(remote) / statistics.median(plain), "epoch_steps": steps}  # fmt: skip
+
+
+def run_bench(device: str, steps: int, warmup: int, out: Path, *, compile_model: bool = False, with_ray: bool = True,
+              tiny: bool = False, runs: Path | None = None) -> dict:  # fmt: skip
+    from pipeline.paths import runs_dir
+    from pipeline.tracking import git_sha
+
+    runs = runs or runs_dir()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import UsageError
+
+        raise UsageError("--device cuda: no CUDA device here; run with --device cpu")
+    report: dict = {"device": device, "git_sha": git_sha(), "machine": machine(), "steps": steps, "warmup": warmup}
+    if dev.type == "cuda":
+        config = load_preset("voc-1/8", ["model.init=none", "data.batch_size=8", "data.crop=321"])
+        batches = random_batches(4, 8, 321, 21, dev)
+        classes = 21
+        report |= {"model": "DeepLabV3+ resnet101", "crop": 321, "batch": 8}
+        modes = {"fp32_eager": {}, "bf16_channels_last": {"optim.amp": "bf16", "optim.channels_last": True}}
+        rows = {}
+        for mode, extra in modes.items():
+            for name in GPU_ROWS:
+                variant, overrides = ROWS[name]
+                cfg = apply_overrides(config, {**MEASURED, **overrides, **extra})
+                say(f"  {mode} {name} ...")
+                rows[f"{name}/{mode}"] = time_row(cfg, variant, batches, classes, dev, steps, warmup)
+                torch.cuda.empty_cache()
+            if compile_model:
+                for name in GPU_ROWS:
+                    variant, overrides = ROWS[name]
+                    cfg = apply_overrides(config, {**MEASURED, **overrides, **modes["bf16_channels_last"]})
+                    rows[f"{name}/bf16_channels_last_compiled"] = time_row(
+                        cfg, variant, batches, classes, dev, steps, warmup, compile_model=True
+                    )
+        report["rows"] = rows
+        report["bf16_cl_over_fp32"] = {
+            name: rows[f"{name}/bf16_channels_last"]["img_per_s"] / rows[f"{name}/fp32_eager"]["img_per_s"]
+            for name in GPU_ROWS
+        }
+    else:
+        config = load_preset("shapes-1/8", [f"{k}={json.dumps(v)}" for k, v in TINY.items()] if tiny else [])
+        report |= {"preset": "shapes-1/8", "model": f"DeepLabV3+ {config.model.backbone}", "crop": config.data.crop,
+                   "batch": config.data.batch_size, "threads": torch.get_num_threads()}  # fmt: skip
+        batches, classes = dataset_batches(config, runs, 4)
+        rows = {}
+        for name, (variant, overrides) in ROWS.items():
+            say(f"  {name} ...")
+            cfg = apply_overrides(config, {**MEASURED, **overrides, "variant": variant})
+            rows[name] = time_row(cfg, variant, batches, classes, dev, steps, warmup)
+        report["rows"] = rows
+        report["s4mim_over_unimatch"] = rows["s4mim"]["median_s"] / rows["unimatch"]["median_s"]
+        report["unimatch_over_supervised"] = rows["unimatch"]["median_s"] / rows["supervised"]["median_s"]
+        if with_ray:
+            say("  Ray Train epoch against the plain engine epoch ...")
+            report |= ray_epoch_ratio(config, runs, steps=max(steps, 10))
+    report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    _store(out, device, report)
+    return report
+
+
+def _store(out: Path, device: str, report: dict) -> None:
+    """bench/results.json keeps the latest report per device kind (cpu, cuda)."""
+    out = Path(out)
+    existing = {}
+    if out.is_file():
+        try:
+            existing = json.loads(out.read_text())
+        except json.JSONDecodeError:
+            existing = {}
+    existing[torch.device(device).type] = report
+    write_text(out, json.dumps(existing, indent=2) + "\n")
+
+
+def print_report(report: dict) -> None:
+    say(f"{'row':<40} {'median ms':>10} {'img/s':>8}")
+    for name, row in report["rows"].items():
+        say(f"{name:<40} {row['median_s'] * 1000:>10.1f} {row['img_per_s']:>8.1f}")
+    for key in ("s4mim_over_unimatch", "unimatch_over_supervised", "ray_epoch_ratio", "peak_rss_gb"):
+        if key in report:
+            say(f"{key}: {report[key]:.3f}")
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,1 @@
+"""Sweep specifications (search spaces over config keys) and the Ray Tune sweep runner."""

@@ -1,0 +1,110 @@
+"""runs compare / runs plot on a real MLflow store holding runs of two splits, and the UI server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from torchvision.io import decode_png, read_file
+
+from pipeline.prepare import Prepared
+from pipeline.presets import load_preset
+from pipeline.tracking import PipelineTracking
+from tests.pipeline.cli_helpers import run_main
+
+
+def _prepared(labeled: int, unlabeled: int) -> Prepared:
+    return Prepared(None, None, "c0ffee", f"s{labeled}", labeled, unlabeled, 256, True)
+
+
+@pytest.fixture
+def store(runs):
+    """Pipeline runs of shapes-1/8 and shapes-1/4 (s4mim and unimatch), logged as the pipeline logs them."""
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    for preset, labeled, variant, miou in (
+        ("shapes-1/8", 128, "s4mim", 61.0),
+        ("shapes-1/8", 128, "unimatch", 58.5),
+        ("shapes-1/4", 256, "s4mim", 66.0),
+        ("shapes-1/4", 256, "unimatch", 64.0),
+    ):
+        config = load_preset(preset, [f"variant={variant}"])
+        tracking = PipelineTracking(uri, config, _prepared(labeled, 1024 - labeled))
+        tracking.tracker.log_metrics(tracking.parent_id, {"val/miou": miou}, 0)
+        tracking.finish(tracking.parent_id)
+    return uri
+
+
+def test_compare_groups_by_split_and_shows_differing_params(capsys, store):
+    code, out, err = run_main(capsys, "runs", "compare")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["split", "variant", "val/miou"]
+    assert "variant" in lines[0] and "data.crop" not in lines[0]  # only parameters that differ
+    body = [line for line in lines[1:] if line.strip()]
+    assert [line.split()[0] for line in body] == ["shapes-1/8", "shapes-1/8", "shapes-1/4", "shapes-1/4"]
+    assert "" in lines  # a blank line between split groups
+
+    code, out, _ = run_main(capsys, "runs", "compare", "--format", "json", "--tag", "split=shapes-1/4")
+    rows = json.loads(out)
+    assert code == 0 and {r["variant"]: r["val/miou"] for r in rows} == {"s4mim": 66.0, "unimatch": 64.0}
+
+    code, out, _ = run_main(capsys, "runs", "compare", "--format", "csv")
+    assert code == 0 and out.splitlines()[0].startswith("split,variant,val/miou,run")
+
+
+def test_compare_errors(capsys, store):
+    code, _, err = run_main(capsys, "runs", "compare", "--experiment", "nope")
+    assert code == 2 and "no MLflow experiment 'nope'" in err and "s4mim" in err
+    code, _, err = run_main(capsys, "runs", "compare", "--format", "xml")
+    assert code == 2 and "choose table, csv or json" in err
+
+
+def test_plot_writes_a_png_that_decodes(capsys, store, tmp_path):
+    out = tmp_path / "plots" / "miou.png"
+    code, text, err = run_main(capsys, "runs", "plot", "--out", str(out))
+    assert code == 0, err
+    image = decode_png(read_file(str(out)))
+    assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
+    assert image.float().std() > 0  # not a blank canvas
+
+
+def test_ui_server_shows_both_splits_over_rest(store, runs):
+    from pipeline.ui import free_port, server_command
+
+    port = free_port()
+    server = subprocess.Popen(server_command(store, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s4mim", method="GET"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            found = json.load(response)["runs"]
+        splits = {tag["value"] for run in found for tag in run["data"]["tags"] if tag["key"] == "split"}
+        assert splits == {"shapes-1/8", "shapes-1/4"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    assert server.returncode is not None

@@ -1,0 +1,40 @@
+"""Bad addresses and paths fail before training, with exit code 2 and the fix; nothing hangs."""
+
+import socket
+
+from tests.pipeline.cli_helpers import run_main
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_unreachable_ray_address(capsys, runs):
+    port = _closed_port()
+    code, _, err = run_main(capsys, "pipeline", "run", "shapes-1/8", "--ray-address", f"127.0.0.1:{port}")
+    assert code == 2
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in _error(err) and "ray start --head" in err
+
+
+def test_unreachable_tracking_uri(capsys, runs):
+    port = _closed_port()
+    code, _, err = run_main(capsys, "warmup", "shapes-1/8", "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert code == 2
+    assert f"http://127.0.0.1:{port} does not answer" in _error(err)
+
+
+def test_storage_path_that_cannot_be_written(capsys, runs, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("S4MIM_STORAGE", str(blocker / "ray"))
+    code, _, err = run_main(capsys, "train", "shapes-1/8")
+    assert code == 2
+    assert f"storage path {blocker / 'ray'} is not writable" in _error(err)

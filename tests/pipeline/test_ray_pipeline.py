@@ -1,0 +1,134 @@
+"""Integration: stages as Ray Train jobs on a real local Ray, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.pipeline.ray_helpers import (
+    env_for,
+    kill,
+    mlflow_runs,
+    start_cluster,
+    tiny_args,
+    train_worker_pids,
+    wait_for,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+SPEC_TAGS = {"dataset", "split", "labeled_count", "variant", "stage", "git_sha", "config_hash", "world_size"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = start_cluster(nodes=1, cpus_per_node=2)
+    yield cluster
+    cluster.shutdown()
+
+
+def s4mim(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+    )
+
+
+def _tracking(runs):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+
+
+def test_pipeline_runs_as_ray_jobs_and_is_tracked_then_cached(cluster, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    env = env_for(runs, cluster.address)
+    args = ["pipeline", "run", "shapes-1/8", *tiny_args(tiny_shapes, "scaling.workers=2")]
+    first = s4mim(*args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "MLflow parent run: " in first.stdout and "make ui" in first.stdout
+    for stage in ("warmup", "train", "evaluate"):
+        assert f"\n{stage:<10} ran" in first.stdout
+
+    records = mlflow_runs(runs / "mlflow.db")
+    parents = [r for r in records if "mlflow.parentRunId" not in r["tags"]]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in records if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
+    assert sorted(c["tags"]["stage"] for c in children) == ["evaluate", "train", "warmup"]
+    for child in children:
+        assert SPEC_TAGS <= set(child["tags"]), child["tags"]
+        assert child["status"] == "FINISHED"
+        assert child["tags"]["split"] == "shapes-1/8" and child["tags"]["world_size"] == "2"
+        assert child["tags"]["labeled_count"] == "10"
+    by_stage = {c["tags"]["stage"]: c for c in children}
+    assert by_stage["warmup"]["tags"]["variant"] == "supervised" and by_stage["train"]["tags"]["variant"] == "s4mim"
+
+    client = _tracking(runs)
+    train = client.get_run(by_stage["train"]["run_id"])
+    for key in ("train/loss", "train/loss_x", "train/loss_cmim", "train/loss_fa", "train/loss_smim", "train/lr",
+                "train/mask_ratio", "train/img_per_s", "val/miou"):  # fmt: skip
+        assert key in train.data.metrics, key
+    assert train.data.params["mim.ratio"] == "0.5"
+    evaluation = client.get_run(by_stage["evaluate"]["run_id"])
+    assert "val/iou/background" in evaluation.data.metrics and "val/miou" in evaluation.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"iou.csv", "grid.png", "config.json"} <= artifacts
+    assert "val/miou" in client.get_run(parent["run_id"]).data.metrics
+
+    result = json.loads(next((runs / "stages" / "shapes-1_8").glob("warmup-*/result.json")).read_text())
+    assert result["world_size"] == 2 and result["steps_per_epoch"] == 1  # 10 labeled, batch 4, 2 workers
+
+    second = s4mim(*args, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("prepare", "warmup", "train", "evaluate"):
+        assert f"\n{stage:<10} cached" in second.stdout
+    assert "running ->" not in second.stdout
+    assert len(mlflow_runs(runs / "mlflow.db")) == len(records)  # nothing new was trained or logged
+
+
+def test_killed_worker_resumes_from_its_checkpoint_into_the_same_run(cluster, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    env = env_for(runs, cluster.address)
+    args = [
+        "warmup",
+        "shapes-1/8",
+        *tiny_args(tiny_shapes, "warmup.epochs=5", "warmup.eval_every=1", "scaling.workers=2", "data.split=1/2"),
+    ]
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("done", s4mim(*args, env=env)))
+    thread.start()
+    storage = runs / "ray"
+    wait_for(lambda: list(storage.glob("*/epoch_0002")), 300, "the second epoch's checkpoint")
+    victims = wait_for(train_worker_pids, 60, "a train worker")
+    kill(victims[-1])
+    thread.join(600)
+    done = outcome["done"]
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result = json.loads(next((runs / "stages" / "shapes-1_8").glob("warmup-*/result.json")).read_text())
+    assert result["epochs"] == 5
+    records = [r for r in mlflow_runs(runs / "mlflow.db") if r["tags"].get("stage") == "warmup"]
+    assert len(records) == 1  # the restarted workers logged into the same run
+    client = _tracking(runs)
+    epochs = [m.step for m in client.get_metric_history(records[0]["run_id"], "val/miou")]
+    assert sorted(epochs) == [1, 2, 3, 4, 5]  # every epoch once: none lost, none repeated
+    steps = [m.step for m in client.get_metric_history(records[0]["run_id"], "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 5 * result["steps_per_epoch"]
+
+
+def test_cluster_that_cannot_fit_the_workers_fails_before_training(cluster, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    args = tiny_args(tiny_shapes, "scaling.workers=5")
+    done = s4mim("warmup", "shapes-1/8", *args, env=env_for(runs, cluster.address), timeout=120)
+    assert done.returncode == 2
+    assert "can never fit 5 worker(s)" in done.stderr and "scaling.workers" in done.stderr
+    assert not (runs / "ray").exists() or not any((runs / "ray").iterdir())
