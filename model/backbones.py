@@ -109,6 +109,20 @@ def build_backbone(name: str, init: str = "none") -> ResNetEncoder:
     return encoder
 
 
+def check_init(name: str, init: str) -> None:
+    """Raise BackboneInitError now if ``init`` cannot be loaded later (before any worker starts)."""
+    if init == "none":
+        return
+    if init == "imagenet":
+        if name not in _IMAGENET_WEIGHTS:
+            raise BackboneInitError(
+                f"backbone {name} has no ImageNet weights; use --set model.init=none or a local file"
+            )
+        _load_imagenet(name)
+    elif not Path(init).is_file():
+        raise BackboneInitError(f"model.init={init}: no such file; give 'none', 'imagenet' or a local state dict path")
+
+
 def _load_imagenet(name: str) -> dict[str, torch.Tensor]:
     weights = _IMAGENET_WEIGHTS[name]
     try:

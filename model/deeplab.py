@@ -20,7 +20,7 @@ from model.backbones import build_backbone
 
 @dataclass
 class SegOutput:
-    logits: torch.Tensor  # (B, K, H, W)
+    logits: torch.Tensor | None  # (B, K, H, W); None when not asked for
     logits_fp: torch.Tensor | None = None  # (B - perturb_from, K, H, W)
     features: torch.Tensor | None = None  # (B, D, H/4, W/4)
     encoder_features: torch.Tensor | None = None  # (B, C_high, H/16, W/16)
@@ -108,16 +108,17 @@ class DeepLabV3Plus(nn.Module):
         perturb_from: int | None = None,
         need_features: bool = False,
         need_reconstruction: bool = False,
+        need_logits: bool = True,
     ) -> SegOutput:
         """Segment ``x`` (B, 3, H, W).
 
         ``perturb_from=i`` also decodes Dropout2d-perturbed encoder features of ``x[i:]``.
+        ``need_logits=False`` skips the classifier and its upsampling (the masked forward of MIM).
         """
         size = x.shape[-2:]
         low, high = self.backbone(x)
         features = self._decode(low, high)
-        logits = self._upsample(self.classifier(features), size)
-        out = SegOutput(logits=logits)
+        out = SegOutput(logits=self._upsample(self.classifier(features), size) if need_logits else None)
         if perturb_from is not None:
             low_fp = self.fp_dropout(low[perturb_from:])
             high_fp = self.fp_dropout(high[perturb_from:])

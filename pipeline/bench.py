@@ -134,6 +134,67 @@ def time_row(config: Config, variant: str, batches: list, classes: int, device, 
     return row
 
 
+PHASES = ("partner_forward", "weak_forward", "strong_forward", "masked_inputs", "masked_forward", "backward",
+          "optimizer")  # fmt: skip
+
+
+def profile_phases(config: Config, batches: list, classes: int, device, steps: int = 6) -> dict[str, float]:
+    """Where an s4mim step's time goes: milliseconds per step in each labelled phase (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(config, classes, reconstruction=True)
+    engine = Engine(model, config, classes, device, variant="s4mim", total_steps=10_000)
+    for batch in batches[:2]:
+        engine.train_step(*batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            engine.train_step(*batches[i % len(batches)])
+    wall = (time.perf_counter() - started) / steps
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    out = {phase: totals.get(f"s4mim.{phase}", 0.0) / 1000 / steps for phase in PHASES}
+    out["step_wall"] = wall * 1000
+    out["other"] = out["step_wall"] - sum(out[p] for p in PHASES)
+    return out
+
+
+def time_rows_interleaved(rows: dict[str, tuple[Config, str]], batches: list, classes: int, device, steps: int,
+                          warmup: int) -> dict:  # fmt: skip
+    """Median step time of several rows measured in rounds, one step of each row per round.
+
+    On a shared machine the speed drifts over minutes; interleaving lets every row see the same
+    drift, so their ratios hold even when absolute times wander.
+    """
+    engines = {}
+    for name, (config, variant) in rows.items():
+        torch.manual_seed(0)
+        model = build_model(config, classes, reconstruction="cmim" in config.terms(variant))
+        engines[name] = (Engine(model, config, classes, device, variant=variant, total_steps=10_000), variant)
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    names = list(rows)
+    for round_ in range(warmup + steps):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]  # no row always goes first
+        labeled, unlabeled, partner = batches[round_ % len(batches)]
+        for name in order:
+            engine, variant = engines[name]
+            started = time.perf_counter()
+            if variant == "supervised":
+                engine.train_step(labeled)
+            else:
+                engine.train_step(labeled, unlabeled, partner)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - started)
+    images = batches[0][0]["image"].shape[0]
+    out = {}
+    for name, (_, variant) in rows.items():
+        median = statistics.median(times[name])
+        out[name] = {"median_s": median, "img_per_s": images * (1 if variant == "supervised" else 2) / median,
+                     "steps": steps}  # fmt: skip
+    return out
+
+
 def ray_epoch_ratio(config: Config, runs: Path, steps: int, repeats: int = 2) -> dict:
     """One train epoch as a 1-worker TorchTrainer against the same epoch in this process.
 
@@ -150,7 +211,7 @@ def ray_epoch_ratio(config: Config, runs: Path, steps: int, repeats: int = 2) ->
     config = apply_overrides(config, {"train.epochs": 1, "train.steps_per_epoch": steps, "scaling.workers": 1})
     prepared = prepare_stage(config, runs)
     connect(None)
-    plain, remote = [], []
+    plain, remote = [], []  # alternated, so that drift hits both alike
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
             ctx = LocalContext("train", Path(tmp) / f"plain{i}", 0, 1, torch.device("cpu"), 1)
@@ -206,17 +267,20 @@ def run_bench(device: str, steps: int, warmup: int, out: Path, *, compile_model:
         report |= {"preset": "shapes-1/8", "model": f"DeepLabV3+ {config.model.backbone}", "crop": config.data.crop,
                    "batch": config.data.batch_size, "threads": torch.get_num_threads()}  # fmt: skip
         batches, classes = dataset_batches(config, runs, 4)
-        rows = {}
-        for name, (variant, overrides) in ROWS.items():
-            say(f"  {name} ...")
-            cfg = apply_overrides(config, {**MEASURED, **overrides, "variant": variant})
-            rows[name] = time_row(cfg, variant, batches, classes, dev, steps, warmup)
+        say(f"  {len(ROWS)} rows, {steps} measured rounds after {warmup}, interleaved ...")
+        specs = {
+            name: (apply_overrides(config, {**MEASURED, **overrides, "variant": variant}), variant)
+            for name, (variant, overrides) in ROWS.items()
+        }
+        rows = time_rows_interleaved(specs, batches, classes, dev, steps, warmup)
         report["rows"] = rows
         report["s4mim_over_unimatch"] = rows["s4mim"]["median_s"] / rows["unimatch"]["median_s"]
         report["unimatch_over_supervised"] = rows["unimatch"]["median_s"] / rows["supervised"]["median_s"]
+        say("  profile of the s4mim step ...")
+        report["s4mim_phases_ms"] = profile_phases(apply_overrides(config, MEASURED), batches, classes, dev)
         if with_ray:
             say("  Ray Train epoch against the plain engine epoch ...")
-            report |= ray_epoch_ratio(config, runs, steps=max(steps, 10))
+            report |= ray_epoch_ratio(config, runs, steps=2 if tiny else 45, repeats=1 if tiny else 3)
     report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     _store(out, device, report)
     return report
@@ -239,6 +303,8 @@ def print_report(report: dict) -> None:
     say(f"{'row':<40} {'median ms':>10} {'img/s':>8}")
     for name, row in report["rows"].items():
         say(f"{name:<40} {row['median_s'] * 1000:>10.1f} {row['img_per_s']:>8.1f}")
+    if "s4mim_phases_ms" in report:
+        say("s4mim step, ms per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in report["s4mim_phases_ms"].items()))
     for key in ("s4mim_over_unimatch", "unimatch_over_supervised", "ray_epoch_ratio", "peak_rss_gb"):
         if key in report:
             say(f"{key}: {report[key]:.3f}")

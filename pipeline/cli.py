@@ -180,7 +180,9 @@ def _under_torchrun() -> bool:
 
 def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool):
     """The backend for this command, after checking everything it needs, before any training."""
+    from model.backbones import check_init
 
+    check_init(config.model.backbone, config.model.init)
     if local or _under_torchrun():
         from pipeline.local import LocalBackend
 
@@ -240,6 +242,11 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
     else:
         init = None
     folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+    if checkpoint is not None:  # scoring another checkpoint: its own folder, never the pipeline's cache
+        import hashlib
+
+        digest = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
+        folder = folder.with_name(f"{folder.name}-ckpt{digest}")
     done = read_result(folder)
     if done is not None and checkpoint is None:
         typer.echo(
@@ -434,7 +441,7 @@ def bench(
     device: Annotated[
         str, typer.Option(help="cpu (shapes-1/8 model) or cuda (DeepLabV3+ ResNet-101, crop 321).")
     ] = "cpu",
-    steps: Annotated[int, typer.Option(help="Measured steps per row (after the warm-up steps).")] = 12,
+    steps: Annotated[int, typer.Option(help="Measured steps per row (after the warm-up steps).")] = 20,
     warmup: Annotated[int, typer.Option(help="Unmeasured steps first.")] = 3,
     out: Annotated[Path, typer.Option(help="JSON file the figures are kept in (one entry per device).")] = Path(
         "bench/results.json"
@@ -517,7 +524,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code in this mode
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -530,16 +539,28 @@ def main() -> None:
         typer.echo("interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except Exception as exc:
-        if debug or not _is_user_error(exc):
+        user_error = _find_user_error(exc)
+        if debug or user_error is None:
             raise
-        typer.echo(f"error: {_one_line(exc)}", err=True)
+        typer.echo(f"error: {_one_line(user_error)}", err=True)
         sys.exit(2)
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _find_user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc``: itself, its causes, or what a Ray worker raised."""
     from model.backbones import BackboneInitError
 
-    return isinstance(exc, USER_ERRORS + (BackboneInitError,))
+    seen, stack = set(), [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, USER_ERRORS + (BackboneInitError,)):
+            return error
+        stack += [getattr(error, "cause", None), error.__cause__, error.__context__]
+        stack += list(getattr(error, "worker_failures", {}).values())  # ray.train.WorkerGroupError
+    return None
 
 
 def _one_line(exc: Exception) -> str:

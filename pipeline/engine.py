@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.profiler import record_function
 
 from model.deeplab import DeepLabV3Plus
 from model.losses import (
@@ -217,11 +218,13 @@ class Engine:
                 terms, {"cmim": self.config.mim.weight, "fa": self.config.fa.weight, "smim": self.config.smim.weight}
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        with record_function("s4mim.backward"):
+            self.scaler.scale(loss).backward()
+        with record_function("s4mim.optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         self.step += 1
         metrics = {"loss": loss.detach(), "loss_x": terms["x"].detach(), "lr": torch.tensor(lr)}
         if "s1" in terms:
@@ -248,11 +251,13 @@ class Engine:
         n_l = x.shape[0]
 
         if cfg.unimatch.cutmix_source == "batch":
-            label_p, conf_p = pseudo_labels(self._predict_eval(partner["weak"]))
+            with record_function("s4mim.partner_forward"):
+                label_p, conf_p = pseudo_labels(self._predict_eval(partner["weak"]))
             s1_p, s2_p, pad_p = partner["strong1"], partner["strong2"], partner["padding"]
 
         use_fp = self.uses("fp")
-        out = self.net(torch.cat([x, u_w]), perturb_from=n_l if use_fp else None)
+        with record_function("s4mim.weak_forward"):
+            out = self.net(torch.cat([x, u_w]), perturb_from=n_l if use_fp else None)
         logits_x, logits_w = out.logits[:n_l], out.logits[n_l:]
         teacher_w = self._predict_eval(u_w) if self.ema is not None else logits_w
         label_w, conf_w = pseudo_labels(teacher_w)
@@ -279,7 +284,8 @@ class Engine:
                 strong[1] = apply_patch_mask(s2, smim_mask)
             else:
                 strong.append(apply_patch_mask(s1, smim_mask))
-        logits_s = self.net(torch.cat(strong)).logits.chunk(len(strong))
+        with record_function("s4mim.strong_forward"):
+            logits_s = self.net(torch.cat(strong)).logits.chunk(len(strong))
 
         terms = {
             "x": supervised_loss(logits_x, y),
@@ -308,15 +314,18 @@ class Engine:
             paddings.append(pad_u)
         images, class_map, padding = torch.cat(images), torch.cat(class_maps), torch.cat(paddings)
         n, _, h, w = images.shape
-        masked = patch_mask(n, h, w, cfg.patch, cfg.ratio, device=images.device)
-        class_ids, valid = sample_classes(class_map, self.num_classes, cfg.max_classes, cfg.min_pixels)
-        if cfg.mode == "classwise":
-            batch = fa_batch = class_isolated_inputs(images, class_map, masked, class_ids, valid)
-        else:
-            batch, fa_batch = plain_masked_inputs(images, masked, padding, class_map, class_ids, valid)
-        inputs = batch.inputs.contiguous(memory_format=self.memory_format)
-        with frozen_bn_stats(self.model, cfg.freeze_bn_stats):
-            out = self.net(inputs, need_features=self.uses("fa"), need_reconstruction=self.uses("cmim"))
+        with record_function("s4mim.masked_inputs"):
+            masked = patch_mask(n, h, w, cfg.patch, cfg.ratio, device=images.device)
+            class_ids, valid = sample_classes(class_map, self.num_classes, cfg.max_classes, cfg.min_pixels)
+            if cfg.mode == "classwise":
+                batch = fa_batch = class_isolated_inputs(images, class_map, masked, class_ids, valid)
+            else:
+                batch, fa_batch = plain_masked_inputs(images, masked, padding, class_map, class_ids, valid)
+            inputs = batch.inputs.contiguous(memory_format=self.memory_format)
+        with frozen_bn_stats(self.model, cfg.freeze_bn_stats), record_function("s4mim.masked_forward"):
+            out = self.net(
+                inputs, need_features=self.uses("fa"), need_reconstruction=self.uses("cmim"), need_logits=False
+            )
         terms = {}
         if self.uses("cmim"):
             terms["cmim"] = reconstruction_loss(out.reconstruction, images[batch.image_index], batch, cfg.loss)

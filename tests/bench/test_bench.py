@@ -19,6 +19,10 @@ def test_bench_smoke_prints_json_last_and_writes_results(capsys, runs, tiny_shap
     assert {"supervised", "unimatch", "s4mim", "s4mim_cmim_only", "s4mim_fa_only", "s4mim_smim_only"} <= set(rows)
     assert all(row["median_s"] > 0 and row["img_per_s"] > 0 for row in rows.values())
     assert report["s4mim_over_unimatch"] > 0 and report["unimatch_over_supervised"] > 0
+    from pipeline.bench import PHASES
+
+    phases = report["s4mim_phases_ms"]
+    assert all(phases[p] > 0 for p in PHASES) and phases["step_wall"] > 0
     assert report["peak_rss_gb"] > 0 and report["git_sha"] and report["machine"]["cpus"]
     assert json.loads(out.read_text())["cpu"] == report
 

@@ -38,3 +38,31 @@ def test_storage_path_that_cannot_be_written(capsys, runs, tmp_path, monkeypatch
     code, _, err = run_main(capsys, "train", "shapes-1/8")
     assert code == 2
     assert f"storage path {blocker / 'ray'} is not writable" in _error(err)
+
+
+def test_imagenet_init_offline_fails_before_training(capsys, runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no cached weights
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    code, _, err = run_main(
+        capsys, "train", "shapes-1/8", "--set", "model.init=imagenet", "--set", "model.backbone=resnet18"
+    )
+    assert code == 2
+    line = _error(err)
+    assert "cannot load ImageNet weights for resnet18" in line and "--set model.init=none" in line
+
+
+def test_doctor_reports_each_check(capsys, runs, tiny_shapes, monkeypatch):
+    monkeypatch.setenv("S4MIM_DATA", str(tiny_shapes.parent))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, out, _ = run_main(capsys, "doctor")
+    assert code == 0, out
+    assert "torch" in out and f"ok    storage {runs / 'ray'}: writable" in out
+    assert "MLflow sqlite:///" in out and "answers" in out
+    assert "ok    dataset shapes" in out and "40 train, 12 val images, 9 classes" in out
+    port = _closed_port()
+    code, out, _ = run_main(capsys, "doctor", "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert code == 1 and f"FAIL  MLflow http://127.0.0.1:{port}" in out
