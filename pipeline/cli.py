@@ -374,6 +374,10 @@ def sweep(
     typer.echo("")
     typer.echo(trial_table(outcome.rows, sweep_spec))
     stopped = sum(r.status == "stopped" for r in outcome.rows)
+    if outcome.interrupted:
+        done = sum(r.status != "unfinished" for r in outcome.rows)
+        typer.echo(f"sweep interrupted: {done} of {len(outcome.rows)} trials ended; run the same command to resume")
+        raise typer.Exit(130)
     typer.echo(f"{len(outcome.rows)} trials, {stopped} stopped early by ASHA")
     if outcome.best is not None:
         typer.echo(f"best: trial {outcome.best.trial_id}, {sweep_spec.metric} {outcome.best.metric:.2f}")
@@ -471,31 +475,23 @@ def quality(
     epochs: Annotated[int, typer.Option(help="Train-stage epochs, the same for every variant.")] = 6,
     steps: Annotated[int, typer.Option(help="Steps per train epoch.")] = 90,
     docs: Annotated[Path, typer.Option(help="Folder for results.md and results.png.")] = Path("docs"),
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
+    local: LocalOpt = False,
 ) -> None:
     """The ablation at 1/8 labels on shapes (6 variants x seeds, one fixed budget); writes docs/results.md."""
-    from pipeline.local import read_result
-    from pipeline.orchestrate import stage_folder
-    from pipeline.prepare import prepare_stage
-    from pipeline.presets import load_preset
     from pipeline.quality import PRESET, run_quality, write_results
 
     seeds = seeds or [0, 1, 2]
     if epochs < 1 or steps < 1:
         raise UsageError("--epochs and --steps must be at least 1")
     runs = _runs()
-    probe = load_preset(PRESET)
-    backend = _backend(probe, runs, ray_address, tracking_uri, local=False)
-    cells, wall = run_quality(seeds, epochs, steps, runs, lambda config: backend)
-    warmup = {}
-    for seed in seeds:
-        config = load_preset(PRESET, [f"seed={seed}"])
-        prepared = prepare_stage(config, runs)
-        result = read_result(stage_folder(runs, config, "warmup", prepared.inputs_hash))
-        if result:
-            warmup[seed] = result["best_miou"]
-    path = write_results(cells, seeds, epochs, steps, wall, warmup, docs)
+    base = _config(PRESET, set_, data_root)
+    backend = _backend(base, runs, ray_address, tracking_uri, local)
+    cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend)
+    path = write_results(base, cells, seeds, epochs, steps, wall, warmup, docs)
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")
     typer.echo(f"wrote {path} and {path.with_suffix('.png')}")

@@ -150,5 +150,5 @@ class LocalBackend:
             return run_evaluation(config, prepared, folder, init)
         return run_training(config, stage, prepared, folder, init)
 
-    def end(self, ok: bool) -> None:
+    def end(self, ok: bool, status: str | None = None) -> None:
         return None

@@ -52,41 +52,46 @@ def budget_overrides(epochs: int, steps: int) -> dict:
     return {"train.epochs": epochs, "train.steps_per_epoch": steps, "tracking.experiment": EXPERIMENT}
 
 
-def run_quality(seeds: list[int], epochs: int, steps: int, runs: Path, make_backend) -> tuple[list[Cell], float]:
+def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, backend):
+    """Run (or find cached) every (variant, seed) pipeline of ``base`` under the fixed budget.
+
+    Returns the cells, the warmup teacher's val mIoU per seed, and the wall time in seconds."""
     from pipeline.config import apply_overrides
     from pipeline.orchestrate import run_pipeline
-    from pipeline.presets import load_preset
 
     started = time.perf_counter()
     cells = {name: Cell(name) for name in VARIANTS}
+    warmup: dict[int, float] = {}
     for seed in seeds:
         for name, overrides in VARIANTS.items():
-            config = apply_overrides(
-                load_preset(PRESET), {**budget_overrides(epochs, steps), **overrides, "seed": seed}
-            )
+            config = apply_overrides(base, {**budget_overrides(epochs, steps), **overrides, "seed": seed})
             say(f"== {name}, seed {seed}")
             t0 = time.perf_counter()
-            result = run_pipeline(config, runs, make_backend(config))
+            result = run_pipeline(config, runs, backend)
             evaluate = next(s for s in result.statuses if s.name == "evaluate")
+            teacher = next(s for s in result.statuses if s.name == "warmup")
+            if teacher.miou is not None:
+                warmup[seed] = teacher.miou
             cells[name].miou[seed] = evaluate.miou
             cells[name].seconds[seed] = time.perf_counter() - t0
             say(f"   val mIoU {evaluate.miou:.2f}")
-    return list(cells.values()), time.perf_counter() - started
+    return list(cells.values()), warmup, time.perf_counter() - started
 
 
-def results_markdown(cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
+def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
                      sha: str, warmup_miou: dict[int, float]) -> str:  # fmt: skip
     lines = [
         "# Results: the S4MIM ablation on `shapes` at 1/8 labels",
         "",
         f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()}.",
         "",
-        f"Every row trains the `{PRESET}` model for the same budget: {epochs} epochs of {steps} steps "
-        f"(batch 8 labeled + 8 unlabeled images a step) from the same warmup teacher of its seed, "
-        "with the preset's recipe; only the loss terms differ. `supervised` spends the budget on the "
-        "labeled images alone. Seeds change model initialisation, sampling and augmentation; the "
-        "labeled split (128 of 1,024 images, class-aware draw, split seed 0) and the data are fixed. "
-        "Scores are val mIoU (256 images, whole-image evaluation) of each run's best checkpoint.",
+        f"Every row trains the `{base.preset}` model for the same budget: {epochs} epochs of {steps} steps "
+        f"(batch {base.data.batch_size} labeled + {base.data.batch_size} unlabeled images a step) from the same "
+        "warmup teacher of its seed, with the preset's recipe; only the loss terms differ. `supervised` spends "
+        "the budget on the labeled images alone. Seeds change model initialisation, sampling and augmentation; "
+        f"the labeled split ({base.data.split} of the train images, class-aware draw, split seed "
+        f"{base.data.split_seed}) and the data are fixed. Scores are val mIoU (evaluation mode "
+        f"`{base.eval.mode}`) of each run's best checkpoint.",
         "",
         "| variant | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---:|" + "---:|" * len(seeds),
@@ -134,11 +139,11 @@ def bar_chart(cells: list[Cell], out: Path) -> None:
     plt.close(fig)
 
 
-def write_results(cells, seeds, epochs, steps, wall, warmup_miou, docs: Path) -> Path:
+def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path) -> Path:
     from pipeline.tracking import git_sha
 
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
     bar_chart(cells, docs / "results.png")
     path = docs / "results.md"
-    write_text(path, results_markdown(cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou))
+    write_text(path, results_markdown(base, cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou))
     return path

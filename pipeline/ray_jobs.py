@@ -328,15 +328,18 @@ class RayBackend:
         self.address = address
         self.pipeline = None  # PipelineTracking, set by begin()
 
-    def begin(self, config: Config, prepared, *, parent_key=None, parent_name=None, parent_tags=None) -> None:
-        """Join Ray, check the workers fit, and open the parent run (the pipeline's, or a sweep's)."""
+    def begin(
+        self, config: Config, prepared, *, parent_key=None, parent_name=None, parent_tags=None, fresh=False
+    ) -> None:
+        """Join Ray, check the workers fit, and open the parent run (the pipeline's, or a sweep's); ``fresh``
+        opens a new parent run even if one with the same key exists."""
         say(connect(self.address))
         check_fits(config)
         if self.tracking_uri:
             from pipeline.tracking import PipelineTracking
 
             self.pipeline = PipelineTracking(
-                self.tracking_uri, config, prepared, key=parent_key, name=parent_name, tags=parent_tags
+                self.tracking_uri, config, prepared, key=parent_key, name=parent_name, tags=parent_tags, fresh=fresh
             )
 
     def forget(self, config: Config, stage: str, prepared) -> None:
@@ -406,8 +409,8 @@ class RayBackend:
             tracker.log_bytes(run_id, evaluation.grid_png, "grid.png")
         tracker.log_metrics(self.pipeline.parent_id, {"val/miou": evaluation.miou}, 0)
 
-    def end(self, ok: bool) -> str | None:
+    def end(self, ok: bool, status: str | None = None) -> str | None:
         if self.pipeline is None:
             return None
-        self.pipeline.finish(self.pipeline.parent_id, "FINISHED" if ok else "FAILED")
+        self.pipeline.finish(self.pipeline.parent_id, status or ("FINISHED" if ok else "FAILED"))
         return self.pipeline.parent_id

@@ -219,6 +219,7 @@ class PipelineTracking:
         key: str | None = None,
         name: str | None = None,
         tags: dict | None = None,
+        fresh: bool = False,
     ):
         self.tracker = Tracker(uri)
         self.config, self.inputs_hash, self.labeled = config, prepared.inputs_hash, prepared.labeled
@@ -228,7 +229,7 @@ class PipelineTracking:
         run_tags_ = run_tags(config, "pipeline", prepared.labeled, config_hash, config.scaling.workers)
         run_tags_ |= {"manifest_hash": prepared.content_hash, "labeled_fraction": f"{prepared.labeled_fraction:.6g}"}
         run_tags_ |= tags or {}
-        found = self.tracker.find(self.experiment_id, key)
+        found = None if fresh else self.tracker.find(self.experiment_id, key)
         if found:
             self.parent_id = found
             self.tracker.reopen(found)

@@ -33,7 +33,7 @@ class TrialRow:
     params: dict
     metric: float | None
     epochs: int
-    status: str  # completed, stopped (by ASHA), error
+    status: str  # completed, stopped (by ASHA), error, unfinished (the sweep was interrupted)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class SweepOutcome:
     best: TrialRow | None
     preset_file: Path | None
     parent_run_id: str | None
+    interrupted: bool = False
 
 
 def concurrency(spec: SweepSpec, config: Config) -> tuple[int, str]:
@@ -140,6 +141,7 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
         parent_key=f"sweep-{spec.name}-{_fingerprint(spec)}",
         parent_name=f"sweep {spec.name}",
         parent_tags={"sweep_id": spec.name, "stage": "sweep"},
+        fresh=fresh,
     )
     n_concurrent, plan = concurrency(spec, base)
     say(f"sweep {spec.name}: {plan}")
@@ -150,7 +152,7 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
         f"  ASHA on {spec.metric} ({spec.mode}), epochs 1..{epochs}, grace {asha.grace_period}, "
         f"reduction factor {asha.reduction_factor:g}"
     )
-    ok = False
+    ok = interrupted = False
     try:
         warm_folder = stage_folder(runs, base, "warmup", prepared.inputs_hash)
         warm = read_result(warm_folder)
@@ -212,17 +214,20 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
                 run_config=tune.RunConfig(name=spec.name, storage_path=experiments, verbose=1),
             )
         grid = tuner.fit()
-        rows = _rows(grid, spec, epochs)
+        # Tune returns from fit() on Ctrl-C too, with its state saved; then some trials are neither
+        # terminated nor errored, and the ones short of max_t were interrupted, not stopped by ASHA.
+        interrupted = grid.num_terminated + grid.num_errors < max(len(grid), spec.num_samples)
+        rows = _rows(grid, spec, epochs, interrupted)
         _mark_outcomes(backend, spec, rows)
-        best = _best(rows, spec.mode)
+        best = None if interrupted else _best(rows, spec.mode)
         preset_file = _write_preset(spec, best, runs) if best else None
-        ok = True
+        ok = not interrupted
     finally:
-        parent = backend.end(ok)
-    return SweepOutcome(rows, best, preset_file, parent)
+        parent = backend.end(ok, "KILLED" if interrupted else None)
+    return SweepOutcome(rows, best, preset_file, parent, interrupted)
 
 
-def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
+def _rows(grid, spec: SweepSpec, epochs: int, interrupted: bool = False) -> list[TrialRow]:
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -234,7 +239,7 @@ def _rows(grid, spec: SweepSpec, epochs: int) -> list[TrialRow]:
         if result.error is not None:
             status = "error"
         elif reached < epochs:
-            status = "stopped"
+            status = "unfinished" if interrupted else "stopped"
         else:
             status = "completed"
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -260,6 +265,8 @@ def _mark_outcomes(backend, spec: SweepSpec, rows: list[TrialRow]) -> None:
         run_id = tracker.find(backend.pipeline.experiment_id, f"trial-{spec.name}-{row.trial_id}", parent)
         if run_id is None:
             continue
+        if row.status == "unfinished":
+            continue  # left open: the resumed sweep appends to it and closes it
         tracker.set_tags(run_id, {"trial_status": row.status})
         if row.status == "stopped":
             tracker.set_tags(run_id, {"stopped_by": "asha"})
@@ -268,7 +275,7 @@ def _mark_outcomes(backend, spec: SweepSpec, rows: list[TrialRow]) -> None:
             tracker.finish(run_id, "FAILED")
         else:
             tracker.finish(run_id, "FINISHED")
-    if rows and (best := _best(rows, spec.mode)):
+    if rows and all(r.status != "unfinished" for r in rows) and (best := _best(rows, spec.mode)):
         tracker.log_metrics(parent, {f"best/{spec.metric}": best.metric}, 0)
         tracker.set_tags(parent, {"best_trial": best.trial_id})
 

@@ -114,7 +114,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, ti
     first = wait_for(finished_trial, 600, "the first trial to finish", interval=1.0)
     time.sleep(3)  # let Tune record the trial as terminated
     os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "sweep interrupted" in out, out[-3000:]
+    assert "stopped early by ASHA" not in out and not (runs / "presets" / "tiny-stop-best.json").exists()
     client = MlflowClient(f"sqlite:///{db}")
     history = [m.step for m in client.get_metric_history(first["run_id"], "val/miou")]
     assert history == [1, 2]

@@ -1,0 +1,36 @@
+"""``s4mim quality`` on tiny settings, and the results table it writes."""
+
+import re
+
+from pipeline.quality import VARIANTS, Cell, results_markdown
+from tests.conftest import TINY_OVERRIDES
+from tests.pipeline.cli_helpers import run_main
+
+
+def test_results_table_gives_mean_std_and_each_seed(tiny_config):
+    cells = [Cell("unimatch", {0: 50.0, 1: 52.0}), Cell("s4mim", {0: 49.0})]
+    text = results_markdown(tiny_config(), cells, [0, 1], 3, 7, 125.0, "s4mim quality", "abc123", {0: 40.0, 1: 42.0})
+    assert "| unimatch | 51.00 ± 1.41 | 50.00 | 52.00 |" in text
+    assert "| s4mim | 49.00 ± 0.00 | 49.00 | - |" in text
+    assert "41.00 ± 1.41 | 40.00 | 42.00 |" in text  # the warmup teacher row
+    assert "`s4mim quality`" in text and "`abc123`" in text and "3 epochs of 7 steps" in text
+
+
+def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_path):
+    from torchvision.io import decode_png, read_file
+
+    docs = tmp_path / "docs"
+    sets = [arg for o in [*TINY_OVERRIDES, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, err
+    text = (docs / "results.md").read_text()
+    for name in VARIANTS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
+    assert "1 epochs of 2 steps" in text and "warmup teacher" in text
+    image = decode_png(read_file(str(docs / "results.png")))
+    assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
+    # every variant ran as its own pipeline: six train stages, one shared warmup
+    stages = runs / "stages" / "shapes-1_8"
+    assert len(list(stages.glob("train-*"))) == len(VARIANTS) and len(list(stages.glob("warmup-*"))) == 1
