@@ -482,11 +482,16 @@ def quality(
     local: LocalOpt = False,
 ) -> None:
     """The ablation at 1/8 labels on shapes (6 variants x seeds, one fixed budget); writes docs/results.md."""
-    from pipeline.quality import PRESET, run_quality, write_results
+    from pipeline.config import parse_override
+    from pipeline.quality import CONTROLLED, PRESET, run_quality, write_results
 
     seeds = seeds or [0, 1, 2]
     if epochs < 1 or steps < 1:
         raise UsageError("--epochs and --steps must be at least 1")
+    for text in set_ or []:
+        key = ".".join(parse_override(text)[0])
+        if key in CONTROLLED:
+            raise UsageError(f"--set {key}: quality sets it for each run; use --seeds, --epochs or --steps")
     runs = _runs()
     base = _config(PRESET, set_, data_root)
     backend = _backend(base, runs, ray_address, tracking_uri, local)
@@ -520,7 +525,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv[1:]
     try:
-        code = app(standalone_mode=False)  # click returns typer.Exit's code in this mode
+        code = app(standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C, in this mode
+        if code == 130:
+            typer.echo("interrupted; run the same command again to resume", err=True)
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Exit as exc:

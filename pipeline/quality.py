@@ -31,6 +31,9 @@ VARIANTS = {
 }
 PRESET = "shapes-1/8"
 EXPERIMENT = "s4mim-quality"
+# Keys each (variant, seed) run sets itself; --set may not change them.
+CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "tracking.experiment", "mim.mode",
+              "fa.weight", "smim.weight"}  # fmt: skip
 
 
 @dataclass
@@ -81,7 +84,7 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
 def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
                      sha: str, warmup_miou: dict[int, float]) -> str:  # fmt: skip
     lines = [
-        "# Results: the S4MIM ablation on `shapes` at 1/8 labels",
+        f"# Results: the S4MIM ablation on `{base.data.dataset}` at {base.data.split} labels",
         "",
         f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()}.",
         "",
@@ -114,10 +117,13 @@ def _machine() -> str:
     import os
     import platform
 
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch on CPU"
+    import torch
+
+    device = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "torch on CPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {device}"
 
 
-def bar_chart(cells: list[Cell], out: Path) -> None:
+def bar_chart(cells: list[Cell], title: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +138,7 @@ def bar_chart(cells: list[Cell], out: Path) -> None:
     ax.set_ylabel("val mIoU (%)")
     low = min(min(c.miou.values()) for c in cells)
     ax.set_ylim(max(0, low - 5), max(max(c.miou.values()) for c in cells) + 3)
-    ax.set_title("shapes-1/8: mean ± std over seeds (dots: seeds)", fontsize=9)
+    ax.set_title(f"{title}: mean ± std over seeds (dots: seeds)", fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
@@ -143,7 +149,7 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     from pipeline.tracking import git_sha
 
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
-    bar_chart(cells, docs / "results.png")
+    bar_chart(cells, base.preset, docs / "results.png")
     path = docs / "results.md"
     write_text(path, results_markdown(base, cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou))
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,26 @@ def concurrency(spec: SweepSpec, config: Config) -> tuple[int, str]:
             f"a trial needs {need} but the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU, "
             'so it can never run; lower scaling.* in the spec\'s "set", or add nodes'
         )
-    grid = math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid")
-    trials = spec.num_samples * grid
+    trials = trial_count(spec)
     n = min(fit, spec.max_concurrent or fit, trials)
     return (
         n,
         f"{trials} trial(s), up to {n} at once (a trial takes {need}; the cluster has {total.get('CPU', 0):g} CPU)",
     )
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Trials in the sweep: ``num_samples`` times the size of the grid, if any key is a grid."""
+    return spec.num_samples * math.prod(len(d.grid) for d in spec.space.values() if d.kind == "grid")
+
+
+def ended_trials(path: str) -> set[str]:
+    """Ids of the trials that ended (completed, stopped by the scheduler, or errored), from the
+    experiment state Tune saves as fit() returns. On Ctrl-C, Tune's clean-up then marks the
+    interrupted trials terminated in memory, but the saved state still has them running."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id for t in ExperimentAnalysis(path).trials if t.status in ("TERMINATED", "ERROR")}
 
 
 def _trial(params: dict, *, base: dict, prepared, teacher: str, storage: str, tracking: dict | None, sweep: str):
@@ -214,10 +228,10 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
                 run_config=tune.RunConfig(name=spec.name, storage_path=experiments, verbose=1),
             )
         grid = tuner.fit()
-        # Tune returns from fit() on Ctrl-C too, with its state saved; then some trials are neither
-        # terminated nor errored, and the ones short of max_t were interrupted, not stopped by ASHA.
-        interrupted = grid.num_terminated + grid.num_errors < max(len(grid), spec.num_samples)
-        rows = _rows(grid, spec, epochs, interrupted)
+        # Tune returns from fit() on Ctrl-C too; the trials it had not ended were interrupted,
+        # not stopped by ASHA, and the ones it had not started yet are missing from the grid.
+        rows = _rows(grid, spec, epochs, ended_trials(path))
+        interrupted = len(rows) < trial_count(spec) or any(r.status == "unfinished" for r in rows)
         _mark_outcomes(backend, spec, rows)
         best = None if interrupted else _best(rows, spec.mode)
         preset_file = _write_preset(spec, best, runs) if best else None
@@ -227,7 +241,7 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
     return SweepOutcome(rows, best, preset_file, parent, interrupted)
 
 
-def _rows(grid, spec: SweepSpec, epochs: int, interrupted: bool = False) -> list[TrialRow]:
+def _rows(grid, spec: SweepSpec, epochs: int, ended: set[str]) -> list[TrialRow]:
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -236,16 +250,24 @@ def _rows(grid, spec: SweepSpec, epochs: int, interrupted: bool = False) -> list
         if len(values):
             metric = float(values.max() if spec.mode == "max" else values.min())
         reached = int(frame["epoch"].max()) if frame is not None and "epoch" in frame and len(frame) else 0
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(Path(result.path).name)
         if result.error is not None:
             status = "error"
+        elif trial_id not in ended:
+            status = "unfinished"
         elif reached < epochs:
-            status = "unfinished" if interrupted else "stopped"
+            status = "stopped"
         else:
             status = "completed"
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        params = {k: result.config.get(k) for k in spec.space}
+        params = {k: (result.config or {}).get(k) for k in spec.space}  # no config if it never reported
         rows.append(TrialRow(str(trial_id), params, metric, reached, status))
     return sorted(rows, key=lambda r: r.trial_id)
+
+
+def _trial_id_of(folder: str) -> str:
+    """The trial id in a trial folder's name: ``<trainable>_<trial id>_<index>_<params>_<time>``."""
+    found = re.search(r"_([0-9a-f]+_\d{5})_", folder)
+    return found.group(1) if found else folder
 
 
 def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:

@@ -20,7 +20,8 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     from torchvision.io import decode_png, read_file
 
     docs = tmp_path / "docs"
-    sets = [arg for o in [*TINY_OVERRIDES, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]  # --epochs sets it
+    sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
     code, out, err = run_main(capsys, *args)
     assert code == 0, err
@@ -34,3 +35,8 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     # every variant ran as its own pipeline: six train stages, one shared warmup
     stages = runs / "stages" / "shapes-1_8"
     assert len(list(stages.glob("train-*"))) == len(VARIANTS) and len(list(stages.glob("warmup-*"))) == 1
+
+
+def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
+    code, _, err = run_main(capsys, "quality", "--local", "--set", "train.epochs=3")
+    assert code == 2 and "--set train.epochs" in err and "--epochs" in err
