@@ -214,11 +214,9 @@ def _prepared(config, runs):
 
 
 def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
-    from pipeline.local import read_result
-    from pipeline.orchestrate import stage_folder
+    from pipeline.orchestrate import finished_stage
 
-    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
-    result = read_result(folder)
+    folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
     if result is None:
         raise UsageError(
             f"no finished {stage} stage for this config ({folder}); run 's4mim {stage} {config.preset}' with the "

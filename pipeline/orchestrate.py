@@ -57,6 +57,19 @@ def stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Pa
     return runs / "stages" / slug(config.preset) / f"{stage}-{config.stage_hash(stage, inputs_hash)}"
 
 
+def finished_stage(runs: Path, config: Config, stage: str, inputs_hash: str) -> tuple[Path, dict | None]:
+    """The stage's folder and its result, if it finished. A finished stage with the same hash under
+    another preset counts too: the hash covers the config and the inputs, so a sweep's best preset
+    reuses the warmup of the preset it came from instead of training the same teacher again."""
+    own = stage_folder(runs, config, stage, inputs_hash)
+    result = read_result(own)
+    if result is None:
+        for other in sorted((runs / "stages").glob(f"*/{own.name}")):
+            if other != own and (result := read_result(other)) is not None:
+                return other, result
+    return own, result
+
+
 def forced_stages(force: list[str]) -> set[str]:
     for name in force:
         if name not in STAGES:
@@ -74,11 +87,11 @@ def plan(config: Config, runs: Path, force: list[str]) -> list[StageStatus]:
         if inputs is None:
             statuses.append(StageStatus(stage, "planned", detail="inputs not prepared yet"))
             continue
-        folder = stage_folder(runs, config, stage, inputs)
-        result = read_result(folder)
+        folder, result = finished_stage(runs, config, stage, inputs)
         if result is not None and stage not in forced:
             statuses.append(StageStatus(stage, "cached", folder, miou=result.get("best_miou", result.get("miou"))))
         else:
+            folder = stage_folder(runs, config, stage, inputs)
             resumable = (folder / "last.pt").is_file() and stage not in forced
             statuses.append(StageStatus(stage, "planned", folder, detail="resumes" if resumable else ""))
     return statuses
@@ -108,12 +121,12 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
     try:
         checkpoint: str | None = None
         for stage in STAGES[1:]:
-            folder = stage_folder(runs, config, stage, prepared.inputs_hash)
-            result = read_result(folder)
+            folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
             if result is not None and stage not in forced:
                 say(f"[{stage}] cached: {folder}")
                 statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result)))
             else:
+                folder = stage_folder(runs, config, stage, prepared.inputs_hash)
                 if stage in forced:
                     shutil.rmtree(folder, ignore_errors=True)
                     backend.forget(config, stage, prepared)

@@ -143,8 +143,7 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.local import read_result
-    from pipeline.orchestrate import stage_folder
+    from pipeline.orchestrate import finished_stage
     from pipeline.prepare import prepare_stage
 
     base = spec.check_keys()
@@ -168,8 +167,7 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
     )
     ok = interrupted = False
     try:
-        warm_folder = stage_folder(runs, base, "warmup", prepared.inputs_hash)
-        warm = read_result(warm_folder)
+        warm_folder, warm = finished_stage(runs, base, "warmup", prepared.inputs_hash)
         if warm is None:
             say(f"[warmup] running -> {warm_folder} (shared by every trial)")
             warm_folder.mkdir(parents=True, exist_ok=True)

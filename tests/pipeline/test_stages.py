@@ -1,5 +1,7 @@
 """A stage resumes from its last checkpoint exactly; the pipeline caches finished stages."""
 
+import json
+
 import torch
 
 from pipeline.local import LocalContext, init_distributed
@@ -76,3 +78,13 @@ def test_pipeline_run_then_cached_then_forced(capsys, tiny_config, runs, tiny_sh
     code, out, _ = run_main(capsys, *args, "--force", "train")
     summary = out[out.index("summary for") :]
     assert "\nwarmup     cached" in summary and "\ntrain      ran" in summary and "\nevaluate   ran" in summary
+
+    # a preset derived from this one (as a sweep writes) that changes only the train stage
+    # reuses the finished warmup instead of training the same teacher again
+    derived = runs / "derived.json"
+    derived.write_text(json.dumps({"base": "shapes-1/8", "preset": "derived", "set": {"mim.ratio": 0.6}}))
+    code, out, err = run_main(capsys, *[str(derived) if a == "shapes-1/8" else a for a in args])
+    summary = out[out.index("summary for") :]
+    assert code == 0, err
+    assert "\nwarmup     cached" in summary and "shapes-1_8/warmup-" in summary and "\ntrain      ran" in summary
+    assert "derived/train-" in summary
