@@ -226,8 +226,7 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
 
 
 def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, checkpoint=None) -> dict:
-    from pipeline.local import read_result
-    from pipeline.orchestrate import stage_folder
+    from pipeline.orchestrate import finished_stage, stage_folder
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
@@ -239,18 +238,20 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
         init = str(checkpoint) if checkpoint else _finished(runs, config, "train", prepared, "s4mim evaluate")
     else:
         init = None
-    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
-    if checkpoint is not None:  # scoring another checkpoint: its own folder, never the pipeline's cache
+    if checkpoint is None:
+        folder, done = finished_stage(runs, config, stage, prepared.inputs_hash)
+        if done is not None:
+            typer.echo(
+                f"[{stage}] already finished for this config: {folder} (s4mim pipeline run --force {stage} reruns it)"
+            )
+            return done
+        folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+    else:  # scoring another checkpoint: its own folder, never the pipeline's cache
         import hashlib
 
+        folder = stage_folder(runs, config, stage, prepared.inputs_hash)
         digest = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
         folder = folder.with_name(f"{folder.name}-ckpt{digest}")
-    done = read_result(folder)
-    if done is not None and checkpoint is None:
-        typer.echo(
-            f"[{stage}] already finished for this config: {folder} (s4mim pipeline run --force {stage} reruns it)"
-        )
-        return done
     folder.mkdir(parents=True, exist_ok=True)
     backend.begin(config, prepared)
     ok = False

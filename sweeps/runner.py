@@ -230,8 +230,8 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
         # not stopped by ASHA, and the ones it had not started yet are missing from the grid.
         rows = _rows(grid, spec, epochs, ended_trials(path))
         interrupted = len(rows) < trial_count(spec) or any(r.status == "unfinished" for r in rows)
-        _mark_outcomes(backend, spec, rows)
         best = None if interrupted else _best(rows, spec.mode)
+        _mark_outcomes(backend, spec, rows, best)
         preset_file = _write_preset(spec, best, runs) if best else None
         ok = not interrupted
     finally:
@@ -275,7 +275,7 @@ def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (max if mode == "max" else min)(scored, key=lambda r: r.metric)
 
 
-def _mark_outcomes(backend, spec: SweepSpec, rows: list[TrialRow]) -> None:
+def _mark_outcomes(backend, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None) -> None:
     """Close every trial's run from here: ASHA stops trials at its rungs and at max_t alike, and a
     stopped trial never reaches the code after its fit()."""
     if backend.pipeline is None:
@@ -295,7 +295,7 @@ def _mark_outcomes(backend, spec: SweepSpec, rows: list[TrialRow]) -> None:
             tracker.finish(run_id, "FAILED")
         else:
             tracker.finish(run_id, "FINISHED")
-    if rows and all(r.status != "unfinished" for r in rows) and (best := _best(rows, spec.mode)):
+    if best is not None:
         tracker.log_metrics(parent, {f"best/{spec.metric}": best.metric}, 0)
         tracker.set_tags(parent, {"best_trial": best.trial_id})
 
