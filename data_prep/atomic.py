@@ -10,11 +10,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``target``; on success it replaces ``target`` in one rename.
 
-    On an exception the temporary path is removed and ``target`` is left exactly as it was.
+    On an exception the temporary path is removed and ``target`` is left exactly as it was. The result
+    gets the modes of a plain ``open``/``mkdir`` under the process umask (``mkstemp`` alone gives 0600),
+    so that a team sharing a runs folder can read it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +41,7 @@ def atomic_path(target: Path, *, directory: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         if directory and target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)

@@ -174,11 +174,13 @@ def prepare(
     skip_bad: bool = False,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    skip_hint: str | None = None,
 ) -> tuple[Manifest, list[BadSample], bool]:
     """Validate ``dataset`` at ``root`` and write its manifest.
 
     Returns the manifest, the bad samples that were skipped, and whether an existing manifest was
-    reused because no file changed. Raises DataError listing the bad samples unless ``skip_bad``.
+    reused because no file changed. Raises DataError listing the bad samples unless ``skip_bad``;
+    ``skip_hint`` is how the calling command leaves bad samples out (``{them}`` is "it" or "them").
     """
     index = read_dataset(dataset, root)
     root = index.root.resolve()
@@ -202,10 +204,10 @@ def prepare(
                 progress(done, total)
     if bad and not skip_bad:
         first = bad[0]
-        more = (
-            f" (and {len(bad) - 1} more; --skip-bad leaves them out)" if len(bad) > 1 else " (--skip-bad leaves it out)"
-        )
-        raise DataError(f"bad sample {first.id}: {first.reason}{more}")
+        them = "them" if len(bad) > 1 else "it"
+        fix = skip_hint.format(them=them) if skip_hint else f"--skip-bad leaves {them} out"
+        more = f"and {len(bad) - 1} more; " if len(bad) > 1 else ""
+        raise DataError(f"bad sample {first.id}: {first.reason} ({more}{fix})")
     if not any(r["split"] == "val" for r in rows):
         raise DataError(f"{root}: no validation images; the {dataset} layout needs a val split")
     digest = content_hash(rows)

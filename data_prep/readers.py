@@ -42,6 +42,7 @@ CITYSCAPES_TRAIN_IDS = {
 CITYSCAPES_MAX_ID = 33
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+ROOT_OPTIONS = "--data-root (s4mim data prepare: --root)"  # how every command names the dataset folder
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ def read_dataset(name: str, root: Path) -> DatasetIndex:
     readers = {"voc": read_voc, "cityscapes": read_cityscapes, "shapes": read_shapes, "custom": read_custom}
     if name not in readers:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().absolute()  # manifests store absolute paths, whatever the cwd later
     if not root.is_dir():
-        raise DataError(f"dataset root {root} does not exist; pass --data-root PATH (or set S4MIM_DATA)")
+        raise DataError(
+            f"dataset root {root} does not exist; pass the dataset folder with {ROOT_OPTIONS}, or set S4MIM_DATA"
+        )
     return readers[name](root)
 
 
@@ -86,7 +89,7 @@ def _voc_root(root: Path) -> Path:
     for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir():
             return candidate
-    raise DataError(f"{root} has no JPEGImages/ folder; point --data-root at the VOC2012 folder")
+    raise DataError(f"{root} has no JPEGImages/ folder; pass the VOC2012 folder with {ROOT_OPTIONS}")
 
 
 def read_voc(root: Path, classes: tuple[str, ...] = VOC_CLASSES, name: str = "voc") -> DatasetIndex:
@@ -133,7 +136,9 @@ def read_cityscapes(root: Path) -> DatasetIndex:
     images_root, masks_root = root / "leftImg8bit", root / "gtFine"
     for required in (images_root, masks_root):
         if not required.is_dir():
-            raise DataError(f"{required} is missing: point --data-root at the folder holding leftImg8bit/ and gtFine/")
+            raise DataError(
+                f"{required} is missing: pass the folder holding leftImg8bit/ and gtFine/ with {ROOT_OPTIONS}"
+            )
     samples = []
     for split in ("train", "val"):
         for image in sorted((images_root / split).glob("*/*_leftImg8bit.png")):
@@ -163,6 +168,11 @@ def read_custom(root: Path) -> DatasetIndex:
     if not images:
         raise DataError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     masks = {p.stem: p for p in images if (masks_dir / f"{p.stem}.png").is_file()}
+    if not masks:
+        raise DataError(
+            f"no masks found: {masks_dir} holds no <image id>.png for any image in {images_dir}; "
+            "annotate some images there (class indices, 255 = void)"
+        )
     if (root / "val.txt").is_file():
         val_ids = set(_read_ids(root / "val.txt"))
     else:

@@ -68,13 +68,15 @@ def normalise_id(token: str) -> str:
     return stem.removesuffix("_leftImg8bit")
 
 
-def read_labeled_ids(path: Path) -> list[str]:
+def read_labeled_ids(path: Path, source: str | None = None) -> list[str]:
+    """The ids in a split file; ``source`` is how the user gave the path, for the error messages."""
     path = Path(path)
+    source = source or f"--labeled-ids {path}"
     if not path.is_file():
-        raise DataError(f"--labeled-ids {path}: no such file")
+        raise DataError(f"{source}: no such file")
     ids = [normalise_id(line) for line in path.read_text().splitlines() if line.strip()]
     if not ids:
-        raise DataError(f"--labeled-ids {path} lists no ids")
+        raise DataError(f"{source} lists no ids")
     return ids
 
 
@@ -109,8 +111,11 @@ def make_split(
 
 
 def write_split(split: Split, folder: Path) -> None:
+    """Write the three id files; a file that already holds the same ids is left untouched."""
     for name in ("labeled", "unlabeled", "val"):
-        write_text(Path(folder) / f"{name}.txt", "\n".join(getattr(split, name)) + "\n")
+        path, text = Path(folder) / f"{name}.txt", "\n".join(getattr(split, name)) + "\n"
+        if not (path.is_file() and path.read_text() == text):
+            write_text(path, text)
 
 
 def read_split(folder: Path) -> Split:

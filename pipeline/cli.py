@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from pipeline.errors import USER_ERRORS, UsageError
@@ -132,9 +131,10 @@ def data_prepare(
     from data_prep.manifest import prepare
     from data_prep.splits import make_split, read_labeled_ids, write_split
     from pipeline.console import Progress
-    from pipeline.paths import slug
+    from pipeline.paths import require_writable, slug
 
     runs = _runs()
+    require_writable(runs)
     manifest, bad, reused = prepare(
         dataset, root, runs / "manifests", skip_bad=skip_bad, progress=Progress("validated")
     )
@@ -181,8 +181,10 @@ def _under_torchrun() -> bool:
 def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool):
     """The backend for this command, after checking everything it needs, before any training."""
     from model.backbones import check_init
+    from pipeline.paths import require_writable
 
     check_init(config.model.backbone, config.model.init)
+    require_writable(runs)
     if local or _under_torchrun():
         from pipeline.local import LocalBackend
 
@@ -233,6 +235,9 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
     backend = _backend(config, runs, ray_address, tracking, local)
     prepared = _prepared(config, runs)
     if stage == "train":
+        from pipeline.prepare import check_unlabeled
+
+        check_unlabeled(config, prepared)
         init = _finished(runs, config, "warmup", prepared, "s4mim train")
     elif stage == "evaluate":
         init = str(checkpoint) if checkpoint else _finished(runs, config, "train", prepared, "s4mim evaluate")
@@ -254,12 +259,15 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
         folder = folder.with_name(f"{folder.name}-ckpt{digest}")
     folder.mkdir(parents=True, exist_ok=True)
     backend.begin(config, prepared)
-    ok = False
+    ok, status = False, None
     try:
         result = backend.run_stage(config, stage, prepared, folder, init)
         ok = True
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        parent = backend.end(ok)
+        parent = backend.end(ok, status)
     if parent:
         typer.echo(f"MLflow parent run {parent}")
     return result
@@ -331,14 +339,19 @@ def pipeline_run(
     local: LocalOpt = False,
 ) -> None:
     """prepare -> warmup -> train -> evaluate as Ray Train jobs, skipping stages whose outputs exist."""
-    from pipeline.orchestrate import forced_stages, plan, run_pipeline, summary_table
+    from pipeline.orchestrate import plan, run_pipeline, summary_table
 
     config = _config(preset, set_, data_root)
     runs = _runs()
-    forced_stages(force or [])
+    planned = plan(config, runs, force or [])
     if dry_run:
         typer.echo(f"plan for {config.preset} (variant {config.variant}), outputs under {runs}")
-        typer.echo(summary_table(plan(config, runs, force or [])))
+        typer.echo(summary_table(planned))
+        return
+    if all(s.status == "cached" for s in planned):  # nothing to run: start nothing, write nothing
+        typer.echo(f"summary for {config.preset} (variant {config.variant}): every stage is cached")
+        typer.echo(summary_table(planned))
+        typer.echo("--force STAGE reruns a stage and the ones after it")
         return
     backend = _backend(config, runs, ray_address, tracking_uri, local)
     result = run_pipeline(config, runs, backend, force=force or [])
@@ -520,32 +533,47 @@ def ui(
     raise typer.Exit(serve(tracking_uri, port))
 
 
+INTERRUPTED_HINT = "interrupted; run the same command again to resume"
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: usage and user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv[1:]
     try:
-        code = app(standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C, in this mode
-        if code == 130:
-            typer.echo("interrupted; run the same command again to resume", err=True)
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; run the same command again to resume", err=True)
-        sys.exit(130)
+        code = app(prog_name="s4mim", standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):  # typer turns Ctrl-C into one or the other, by release
+        code = 130
     except Exception as exc:
+        if _is_command_line_error(exc):
+            _report_command_line_error(exc)
         user_error = _find_user_error(exc)
         if debug or user_error is None:
             raise
         typer.echo(f"error: {_one_line(user_error)}", err=True)
         sys.exit(2)
+    if code == 130:
+        typer.echo(INTERRUPTED_HINT, err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _is_command_line_error(exc: Exception) -> bool:
+    """A parse error of the command line. Typer raises those of the click it carries (its own copy in
+    newer releases, click itself in older ones), which share no base class; what they share is click's
+    interface: an ``exit_code`` and a ``format_message()``."""
+    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
+
+
+def _report_command_line_error(exc: Exception) -> None:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+        typer.echo(exc.format_message())
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+    sys.exit(exc.exit_code)
 
 
 def _find_user_error(exc: BaseException) -> BaseException | None:

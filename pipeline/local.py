@@ -69,8 +69,8 @@ class LocalContext:
         if self.rank == 0:
             save_checkpoint(state, self.folder / "last.pt")
             if best:
-                shutil.copyfile(self.folder / "last.pt", self.folder / ".best.pt.tmp")
-                os.replace(self.folder / ".best.pt.tmp", self.folder / "best.pt")
+                with atomic_path(self.folder / "best.pt") as tmp:
+                    shutil.copyfile(self.folder / "last.pt", tmp)
         elapsed = time.perf_counter() - self.started
         say(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  {format_metrics(metrics, EPOCH_KEYS)}  ({elapsed:.0f} s)")
         if dist.is_initialized():

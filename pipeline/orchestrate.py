@@ -20,7 +20,7 @@ from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.local import read_result
 from pipeline.paths import slug
-from pipeline.prepare import Prepared, peek_prepared, prepare_stage
+from pipeline.prepare import Prepared, check_unlabeled, peek_prepared, prepare_stage
 
 STAGES = ("prepare", "warmup", "train", "evaluate")
 
@@ -39,8 +39,8 @@ class Backend(Protocol):
     ) -> dict:
         """Run ``stage`` to completion, writing ``result.json`` into ``folder``; return the result."""
 
-    def end(self, ok: bool) -> str | None:
-        """Called at the end; returns the tracking parent run id, if any."""
+    def end(self, ok: bool, status: str | None = None) -> str | None:
+        """Called at the end (``status`` KILLED for Ctrl-C); returns the tracking parent run id, if any."""
 
 
 @dataclass
@@ -116,8 +116,10 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
             detail=f"{prepared.labeled} labeled, {prepared.unlabeled} unlabeled, {prepared.val} val",
         )
     )
+    if "train" in forced or finished_stage(runs, config, "train", prepared.inputs_hash)[1] is None:
+        check_unlabeled(config, prepared)
     backend.begin(config, prepared)
-    ok = False
+    ok, status = False, None
     try:
         checkpoint: str | None = None
         for stage in STAGES[1:]:
@@ -137,8 +139,11 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
                 statuses.append(StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result)))
             checkpoint = result.get("checkpoint", checkpoint)
         ok = True
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        parent = backend.end(ok)
+        parent = backend.end(ok, status)
     return PipelineResult(statuses, parent)
 
 

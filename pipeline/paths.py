@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.errors import UsageError
+
 
 def runs_dir() -> Path:
     return Path(os.environ.get("S4MIM_RUNS", "runs")).expanduser().absolute()
@@ -17,3 +19,26 @@ def data_dir() -> Path:
 def slug(name: str) -> str:
     """A preset name as a path component: ``voc-1/8`` -> ``voc-1_8``."""
     return name.replace("/", "_").replace(os.sep, "_").replace(" ", "_")
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (made if missing), or None when they can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return "it is a file" if folder.is_file() else exc.strerror or type(exc).__name__
+    return None
+
+
+def require_writable(runs: Path) -> None:
+    """Fail with the fix when the runs folder cannot hold this command's outputs (before any work).
+
+    Everything a command writes (manifests, splits, stages, Ray storage, the default MLflow store)
+    lives under it, so this is the one check that names the root cause and its fix.
+    """
+    reason = unwritable_reason(runs)
+    if reason:
+        raise UsageError(f"runs folder {runs} cannot be written ({reason}); set S4MIM_RUNS to a writable folder")

@@ -60,6 +60,11 @@ def ensure_shapes(root: Path, seed: int) -> None:
     shapes.synthesize(root, seed, progress=Progress("shapes images"))
 
 
+def _labeled_ids(config: Config) -> list[str] | None:
+    path = config.data.labeled_ids
+    return read_labeled_ids(Path(path), source=f"--set data.labeled_ids={path}") if path else None
+
+
 def split_folder(runs: Path, manifest: Path, config: Config, labeled_ids: list[str] | None) -> Path:
     d = config.data
     name = (
@@ -84,12 +89,17 @@ def prepare_stage(config: Config, runs: Path, *, skip_bad: bool = False, force: 
     if force:
         planned_manifest(config, runs).unlink(missing_ok=True)
     say(f"checking {config.data.dataset} at {root}")
-    manifest, bad, reused = prepare(
-        config.data.dataset, root, runs / "manifests", skip_bad=skip_bad, progress=Progress("validated")
+    hint = (
+        f"fix or remove {{them}}, or leave {{them}} out once with: "
+        f"s4mim data prepare {config.data.dataset} --root {root} --skip-bad"
     )
+    manifest, bad, reused = prepare(
+        config.data.dataset, root, runs / "manifests", skip_bad=skip_bad, progress=Progress("validated"),
+        skip_hint=hint,
+    )  # fmt: skip
     for sample in bad:
         say(f"  skipped {sample.id}: {sample.reason}")
-    labeled_ids = read_labeled_ids(Path(config.data.labeled_ids)) if config.data.labeled_ids else None
+    labeled_ids = _labeled_ids(config)
     folder = split_folder(runs, manifest.path, config, labeled_ids)
     split = make_split(
         manifest,
@@ -97,7 +107,7 @@ def prepare_stage(config: Config, runs: Path, *, skip_bad: bool = False, force: 
         config.data.split_seed,
         fine_only=config.data.dataset == "voc" and config.data.voc_set == "classic",
         labeled_ids=labeled_ids,
-        labeled_ids_source=f"data.labeled_ids {config.data.labeled_ids}",
+        labeled_ids_source=f"--set data.labeled_ids={config.data.labeled_ids}",
     )
     write_split(split, folder)
     split_hash = hashlib.sha256("\n".join(split.labeled).encode()).hexdigest()[:10]
@@ -113,6 +123,16 @@ def prepare_stage(config: Config, runs: Path, *, skip_bad: bool = False, force: 
     )
 
 
+def check_unlabeled(config: Config, prepared: Prepared) -> None:
+    """A semi-supervised train stage needs unlabeled images: fail before any training when the split has none."""
+    if config.variant != "supervised" and prepared.unlabeled == 0:
+        raise DataError(
+            f"split {config.data.split} labels all {prepared.labeled} train images, leaving no unlabeled ones "
+            f"for the {config.variant} variant; label fewer (--set data.split=1/8), add images without masks, "
+            "or use --set variant=supervised"
+        )
+
+
 def peek_prepared(config: Config, runs: Path) -> str | None:
     """The inputs hash of an existing, unchanged preparation, without writing anything (dry runs)."""
     path = planned_manifest(config, runs)
@@ -126,7 +146,7 @@ def peek_prepared(config: Config, runs: Path) -> str | None:
             return None
     except Exception:
         return None
-    labeled_ids = read_labeled_ids(Path(config.data.labeled_ids)) if config.data.labeled_ids else None
+    labeled_ids = _labeled_ids(config)
     labeled_file = split_folder(runs, path, config, labeled_ids) / "labeled.txt"
     if not labeled_file.is_file():
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -53,10 +54,12 @@ def check_reachable(address: str | None) -> None:
 
 
 def connect(address: str | None = None) -> str:
-    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local Ray. Returns a description.
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a private local Ray. Returns a description.
 
-    A local Ray starts with its dashboard: Ray Train's placement-group cleaner and Tune's release of
-    stopped trials go through the state API it serves.
+    Without an address this process starts a Ray of its own, even when another one runs on this
+    host, so that nobody else's cluster can take the run down with it; ``--ray-address auto`` joins
+    the cluster already running here. A local Ray starts with its dashboard: Ray Train's
+    placement-group cleaner and Tune's release of stopped trials go through the state API it serves.
     """
     import ray
 
@@ -67,11 +70,11 @@ def connect(address: str | None = None) -> str:
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
     try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    where = f"cluster {address}" if address else "local"
+    where = f"cluster at {ray.get_runtime_context().gcs_address}" if address else "local (private to this command)"
     return f"Ray {where}: {len(nodes)} node(s), {_describe(ray.cluster_resources())}"
 
 
@@ -128,6 +131,25 @@ def check_storage(path: str) -> None:
         ) from None
 
 
+def cluster_lost(exc: BaseException) -> str | None:
+    """What an exception says about the cluster itself going away (not the training failing), or None.
+
+    A dead controller actor, a dead node or lost owner, or a lost connection to the cluster's GCS:
+    the stage did nothing wrong, and running it again resumes it.
+    """
+    import ray.exceptions as rex
+
+    infrastructure = (rex.RayActorError, rex.NodeDiedError, rex.OwnerDiedError, rex.RaySystemError, rex.GetTimeoutError)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, infrastructure) or isinstance(exc, ConnectionError):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"{type(exc).__name__}: {first}"[:200].rstrip(": ")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 # -- the workers ---------------------------------------------------------------------------------
 
 
@@ -140,12 +162,12 @@ def _emit(line: str) -> None:
 class RayContext:
     """The StageContext of a Ray Train worker: checkpoints through ``ray.train.report``."""
 
-    def __init__(self, stage: str, epochs: int, tracking: dict | None):
+    def __init__(self, stage: str, epochs: int, tracking: dict | None, run_dir: str | None = None):
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
-        self.stage, self.epochs = stage, epochs
+        self.stage, self.epochs, self.run_dir = stage, epochs, run_dir
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.started = time.perf_counter()
@@ -160,10 +182,17 @@ class RayContext:
         import torch
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        committed = _epoch_of(checkpoint.path) if checkpoint is not None else 0
+        state = _uploaded_after(self.run_dir, committed) if self.run_dir else None
+        if state is not None:
+            # The run stopped between an epoch's upload and Ray committing it (Ctrl-C, a lost driver):
+            # resume from that epoch, and report it again so that Ray keeps it with the others.
+            self._report_checkpoint(self._reported(state["metrics"], state["epoch"]), state, state["epoch"])
+        elif checkpoint is None:
             return None
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        else:
+            with checkpoint.as_directory() as folder:
+                state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         if self.rank == 0:
             _emit(f"[{self.stage}] resuming after epoch {state['epoch'] + 1}")
             stored = state.get("mlflow_run_id")
@@ -177,32 +206,71 @@ class RayContext:
         if self.logger is not None:
             self.logger.log(metrics, step)
 
-    def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
+    @staticmethod
+    def _reported(metrics: dict[str, float], epoch: int) -> dict[str, float]:
+        # Every epoch carries a score: its val mIoU, or -1 where it was not evaluated, so that the
+        # checkpoint manager keeps the best evaluated checkpoint next to the latest one.
+        return {**metrics, "val/score": metrics.get("val/miou", -1.0), "epoch": epoch + 1}
+
+    def _report_checkpoint(self, reported: dict[str, float], state: dict, epoch: int) -> None:
+        """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
         import ray.train
         import torch
 
+        name = f"epoch_{epoch + 1:04d}"
+        if self.rank != 0:
+            ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+    def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
         from pipeline.console import format_metrics
         from pipeline.local import EPOCH_KEYS
 
-        # Every epoch carries a score: its val mIoU, or -1 where it was not evaluated, so that the
-        # checkpoint manager keeps the best evaluated checkpoint next to the latest one.
-        reported = {**metrics, "val/score": metrics.get("val/miou", -1.0), "epoch": epoch + 1}
-        if self.rank != 0:
-            ray.train.report(reported, checkpoint=None, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-            return
-        if self.logger is not None and "val/miou" in metrics:
+        if self.rank == 0 and self.logger is not None and "val/miou" in metrics:
             self.logger.log({"val/miou": metrics["val/miou"]}, epoch + 1, key="val/miou")
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
-            ray.train.report(
-                reported,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
-            )
+        self._report_checkpoint(self._reported(metrics, epoch), state, epoch)
+        if self.rank != 0:
+            return
         elapsed = time.perf_counter() - self.started
         _emit(
             f"[{self.stage}] epoch {epoch + 1}/{self.epochs}  {format_metrics(metrics, EPOCH_KEYS)}  ({elapsed:.0f} s)"
         )
+
+
+def _epoch_of(checkpoint_path: str) -> int:
+    """The epoch number in a checkpoint folder's name (``.../epoch_0003`` -> 3), 0 if it has none."""
+    name = str(checkpoint_path).rstrip("/").rsplit("/", 1)[-1]
+    return int(name[len("epoch_") :]) if re.fullmatch(r"epoch_\d+", name) else 0
+
+
+def _uploaded_after(run_dir: str, epoch: int) -> dict | None:
+    """The newest complete checkpoint state in ``run_dir`` (local path or URI) past ``epoch``, if any.
+
+    Ray commits an uploaded checkpoint only when its controller next polls the workers; a run stopped
+    in between leaves a finished epoch's folder that Ray does not know. A folder whose copy was cut
+    short does not load, and the one before it is tried.
+    """
+    import io
+
+    import pyarrow.fs as pafs
+    import torch
+
+    fs, base = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        number = _epoch_of(info.path)
+        if info.type == pafs.FileType.Directory and number > epoch:
+            found.append((number, info.path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            with fs.open_input_file(f"{path}/{STATE_FILE}") as handle:
+                return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=False)
+        except Exception:  # missing or truncated: an upload that did not finish
+            continue
+    return None
 
 
 def _local_checkpoint(path: str | None):
@@ -252,7 +320,7 @@ def _worker_loop(loop: dict):
                 "grid_png": evaluation.grid_png,
             }
         schedule = config.warmup if stage == "warmup" else config.train
-        result = fit(config, stage, inputs, RayContext(stage, schedule.epochs, loop["tracking"]))
+        result = fit(config, stage, inputs, RayContext(stage, schedule.epochs, loop["tracking"], loop["run_dir"]))
     result["worker_nodes"] = gather(ray.get_runtime_context().get_node_id())
     result["world_size"] = len(result["worker_nodes"])
     return result
@@ -292,6 +360,7 @@ def run_job(
         "tracking": tracking,
         "extras": {"mlflow_run_id": tracking["run_id"]} if tracking else {},
         "threads": s.cpus_per_worker,
+        "run_dir": f"{storage.rstrip('/')}/{name}",
     }
     trainer = TorchTrainer(
         _worker_loop,
@@ -309,7 +378,37 @@ def run_job(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    return trainer.fit()
+    return _fit_keeping_ctrl_c(trainer)
+
+
+def _fit_keeping_ctrl_c(trainer):
+    """``trainer.fit()``, with Ctrl-C left to this process.
+
+    Called from the main thread, Ray Train installs a SIGINT handler that aborts the run and exits
+    the process with no message, and no hook to resume cleanly. From another thread it installs
+    none (as in a Tune trial): the main thread then gets the KeyboardInterrupt, the CLI reports it
+    with exit code 130, and the Ray workers end with this driver. Any epoch uploaded but not yet
+    committed is picked up by the next run (see ``_uploaded_after``).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a bounded join, so that Ctrl-C reaches this thread at once
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def best_checkpoint_path(result) -> str:
@@ -375,9 +474,15 @@ class RayBackend:
             )
             if result.error is not None:
                 raise result.error
-        except BaseException:
+        except BaseException as exc:
             if run_id:
-                self.pipeline.finish(run_id, "FAILED")
+                self.pipeline.finish(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            lost = cluster_lost(exc)
+            if lost:
+                raise UsageError(
+                    f"the Ray cluster went away during the {stage} stage ({lost}); check it with 's4mim doctor', "
+                    "then run the same command again to resume"
+                ) from None
             raise
         if stage == "evaluate":
             value = result.return_value

@@ -32,6 +32,7 @@ from data_prep.datasets import (
     ShardedSampler,
     UnlabeledDataset,
     eval_indices,
+    ignore_interrupts,
     size_grouped_batches,
 )
 from data_prep.manifest import Manifest
@@ -125,6 +126,7 @@ def build_data(
             drop_last=True,
             generator=gen,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_interrupts,
         )
 
     labeled = loader(LabeledDataset(_rows(manifest, split.labeled), d.crop, d.scale_range, manifest.label_lut), 0)
@@ -146,7 +148,8 @@ def val_loader(config: Config, manifest: Manifest, split: Split, rank: int, worl
     """This rank's share of the val set, equal-size images batched together."""
     val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
     batches = size_grouped_batches(val_set.rows, eval_indices(len(val_set), rank, world), config.data.batch_size)
-    return DataLoader(val_set, batch_sampler=batches, num_workers=min(config.data.loader_workers, 2))
+    workers = min(config.data.loader_workers, 2)
+    return DataLoader(val_set, batch_sampler=batches, num_workers=workers, worker_init_fn=ignore_interrupts)
 
 
 def gather(obj) -> list:

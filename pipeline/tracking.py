@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import UsageError
-from pipeline.paths import runs_dir
+from pipeline.paths import runs_dir, unwritable_reason
 
 KEY_TAG = "s4mim.key"
 PARAM_KEYS = (
@@ -54,15 +54,9 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
             ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-probe-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UsageError(
-                f"MLflow store folder {folder} is not writable ({exc.strerror}); pass another --tracking-uri"
-            ) from None
+        reason = unwritable_reason(folder)
+        if reason:
+            raise UsageError(f"MLflow store folder {folder} is not writable ({reason}); pass another --tracking-uri")
 
 
 def git_sha() -> str:

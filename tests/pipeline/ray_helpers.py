@@ -89,3 +89,39 @@ def mlflow_runs(db: Path) -> list[dict]:
         if run_id in runs:
             runs[run_id]["tags"][key] = value
     return list(runs.values())
+
+
+class RayHead:
+    """A cluster started with ``ray start --head``, as a user or another tool on this host would.
+
+    ``stop()`` kills only this cluster's processes (found by its session folder and port): ``ray stop``
+    would take down every Ray on the host.
+    """
+
+    def __init__(self, port: int, cpus: int = 1):
+        import subprocess
+        import sys
+
+        self.port = port
+        ray = Path(sys.executable).parent / "ray"
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        env.pop("RAY_ADDRESS", None)
+        started = subprocess.run(
+            [str(ray), "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr[-2000:]
+        self.session = Path("/tmp/ray/session_latest").resolve().name
+        self.address = f"127.0.0.1:{port}"
+
+    def pids(self) -> list[int]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            text = " ".join(proc.info["cmdline"] or [])
+            if self.session in text or f":{self.port} " in f"{text} " or f"--port={self.port}" in text:
+                found.append(proc.info["pid"])
+        return [pid for pid in found if pid != os.getpid()]
+
+    def stop(self) -> None:
+        for pid in self.pids():
+            kill(pid)

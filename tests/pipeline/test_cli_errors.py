@@ -3,15 +3,8 @@
 import pytest
 
 from tests.data_prep.trees import damage_voc_sample, voc_tree
+from tests.pipeline.cli_helpers import one_line_error as _one_line_error
 from tests.pipeline.cli_helpers import run_main
-
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_missing_dataset_root(capsys, runs, tmp_path):

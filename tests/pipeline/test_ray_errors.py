@@ -2,6 +2,7 @@
 
 import socket
 
+from tests.pipeline.cli_helpers import one_line_error as _error
 from tests.pipeline.cli_helpers import run_main
 
 
@@ -9,12 +10,6 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_unreachable_ray_address(capsys, runs):

@@ -1,0 +1,107 @@
+"""Ctrl-C, a cluster that goes away, and someone else's Ray on the host: the installed ``s4mim`` on a real Ray.
+
+Slow (each case starts Ray): ``make test-slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.pipeline.cli_helpers import S4MIM, run_s4mim
+from tests.pipeline.ray_helpers import RayHead, tiny_args, wait_for
+from tests.pipeline.test_bad_input import interrupt_after, last_epoch_seen
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+HINT = "interrupted; run the same command again to resume"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def _warmup_args(tiny_shapes, epochs: int = 8) -> list[str]:
+    return ["warmup", "shapes-1/8", *tiny_args(tiny_shapes, f"warmup.epochs={epochs}", "warmup.eval_every=1",
+            "data.split=1/2")]  # fmt: skip
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_ctrl_c_under_ray_exits_130_and_resumes_from_the_last_finished_epoch(
+    tiny_shapes, tmp_path, no_ray_address, attempt
+):
+    env = {"S4MIM_RUNS": str(tmp_path / "runs"), "RAY_AUTH_MODE": "disabled"}
+    args = _warmup_args(tiny_shapes)
+    code, out, err = interrupt_after(args, env, f"[warmup] epoch {2 + attempt % 2}/8")
+    assert code == 130, (out + err)[-3000:]
+    assert err.strip().splitlines()[-1] == HINT, err[-3000:]
+    assert "Traceback" not in err.split("Ray local", 1)[-1].rsplit(HINT, 1)[-1]
+    seen = last_epoch_seen(out, "warmup")
+
+    done = run_s4mim(*args, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = int(done.stdout.split("[warmup] resuming after epoch ", 1)[1].split()[0])
+    assert resumed >= seen, done.stdout  # every epoch printed before Ctrl-C is kept
+    assert f"[warmup] epoch {seen}/8" not in done.stdout
+    assert "[warmup] epoch 8/8" in done.stdout
+
+
+def test_without_an_address_s4mim_runs_on_a_private_ray(tiny_shapes, tmp_path, no_ray_address):
+    head = RayHead(_free_port(), cpus=1)  # someone else's cluster on this host
+    try:
+        done = run_s4mim(*_warmup_args(tiny_shapes, epochs=1), env={"S4MIM_RUNS": str(tmp_path / "runs")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Ray local (private to this command): 1 node(s), 2 CPU" in done.stdout
+        assert head.pids(), "the other cluster was taken down"
+        joined = run_s4mim(
+            *_warmup_args(tiny_shapes, epochs=1),
+            "--set", "seed=1", "--ray-address", "auto",
+            env={"S4MIM_RUNS": str(tmp_path / "runs")},
+        )  # fmt: skip
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert f":{head.port}: 1 node(s), 1 CPU" in joined.stdout  # --ray-address auto joins the one running here
+    finally:
+        head.stop()
+
+
+def test_a_cluster_that_dies_mid_run_is_one_line_and_the_rerun_resumes(tiny_shapes, tmp_path, no_ray_address):
+    head = RayHead(_free_port(), cpus=2)
+    env = {"S4MIM_RUNS": str(tmp_path / "runs"), "RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "disabled"}
+    args = _warmup_args(tiny_shapes, epochs=30)
+    process = subprocess.Popen(
+        [str(S4MIM), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
+    try:
+        out = []
+        for line in process.stdout:
+            out.append(line)
+            if "[warmup] epoch 2/30" in line:
+                break
+        head.stop()
+        rest, err = process.communicate(timeout=300)
+    finally:
+        head.stop()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2, ("".join(out) + rest + err)[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "the Ray cluster went away during the warmup stage" in lines[0], err[-3000:]
+    assert "run the same command again to resume" in lines[0]
+    assert "Traceback" not in err.split("[warmup] epoch 2/30")[-1], err[-3000:]
+
+    wait_for(lambda: not head.pids(), 30, "the dead cluster's processes to end")
+    time.sleep(1)
+    env.pop("RAY_ADDRESS")
+    done = run_s4mim(*args, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split("[warmup] resuming after epoch ", 1)[1].split()[0]) >= 2
