@@ -228,7 +228,7 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
 
 
 def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, checkpoint=None) -> dict:
-    from pipeline.orchestrate import finished_stage, stage_folder
+    from pipeline.orchestrate import finished_stage, open_stage_folder, stage_folder
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
@@ -250,7 +250,7 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
                 f"[{stage}] already finished for this config: {folder} (s4mim pipeline run --force {stage} reruns it)"
             )
             return done
-        folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+        folder = open_stage_folder(runs, config, stage, prepared.inputs_hash)
     else:  # scoring another checkpoint: its own folder, never the pipeline's cache
         import hashlib
 

@@ -236,7 +236,14 @@ class Config(Section):
         return self.eval.crop or self.data.crop
 
     def stage_hash(self, stage: str, inputs: str = "") -> str:
-        """Hash of everything that changes a stage's output, plus its inputs' hash."""
+        """Hash of everything that changes a stage's output: its config, its inputs' hash and its code."""
+        blob = json.dumps(self.stage_hash_parts(stage, inputs), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def stage_hash_parts(self, stage: str, inputs: str = "") -> dict[str, str]:
+        """What ``stage_hash`` covers, part by part, so that a cache miss can say which part changed."""
+        from pipeline.fingerprint import code_fingerprint
+
         parts = {
             "seed": self.seed,
             "data": self.data.model_dump(exclude={"loader_workers"}),
@@ -255,8 +262,9 @@ class Config(Section):
             }
         if stage == "evaluate":
             parts["eval"] = self.eval.model_dump()
-        blob = json.dumps({"stage": stage, "inputs": inputs, **parts}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
+        config = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return {"config": config, "inputs": inputs, "code": code_fingerprint(stage)}
 
 
 def _section_keys(model: type[BaseModel]) -> list[str]:

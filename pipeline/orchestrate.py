@@ -1,7 +1,9 @@
 """``s4mim pipeline run``: prepare -> warmup -> train -> evaluate, with caching and resume.
 
 Every stage has a folder ``runs/stages/<preset>/<stage>-<hash>``, the hash covering the config
-that shapes the stage's output and the hash of its inputs (manifest content and labeled ids).
+that shapes the stage's output, the hash of its inputs (manifest content and labeled ids) and a
+fingerprint of the code that computes it (``pipeline.fingerprint``); ``hash.json`` in the folder
+keeps the three parts, so that ``--dry-run`` can say which one changed when a stage is not cached.
 A folder with ``result.json`` is a finished stage and is reported as cached; a folder without it
 holds an interrupted stage, which resumes from its last checkpoint. ``--force STAGE`` reruns that
 stage and every stage after it from scratch.
@@ -9,12 +11,14 @@ stage and every stage after it from scratch.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from data_prep.atomic import write_text
 from pipeline.config import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
@@ -23,6 +27,7 @@ from pipeline.paths import slug
 from pipeline.prepare import Prepared, check_unlabeled, peek_prepared, prepare_stage
 
 STAGES = ("prepare", "warmup", "train", "evaluate")
+HASH_FILE = "hash.json"
 
 
 class Backend(Protocol):
@@ -55,6 +60,34 @@ class StageStatus:
 
 def stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Path:
     return runs / "stages" / slug(config.preset) / f"{stage}-{config.stage_hash(stage, inputs_hash)}"
+
+
+def open_stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Path:
+    """The stage's folder, made, with ``hash.json``: what its hash covers, for explaining later misses."""
+    folder = stage_folder(runs, config, stage, inputs_hash)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = json.dumps(config.stage_hash_parts(stage, inputs_hash), indent=2) + "\n"
+    if not (folder / HASH_FILE).is_file() or (folder / HASH_FILE).read_text() != parts:
+        write_text(folder / HASH_FILE, parts)
+    return folder
+
+
+def why_not_cached(runs: Path, config: Config, stage: str, inputs_hash: str) -> str:
+    """Which part of the hash differs from the newest finished run of ``stage`` under this preset."""
+    parts = config.stage_hash_parts(stage, inputs_hash)
+    earlier = []
+    for folder in (runs / "stages" / slug(config.preset)).glob(f"{stage}-*"):
+        if (folder / "result.json").is_file():
+            earlier.append(((folder / "result.json").stat().st_mtime, folder))
+    if not earlier:
+        return ""
+    newest = max(earlier)[1]
+    try:
+        before = json.loads((newest / HASH_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "the cached run predates code fingerprints"
+    changed = [name for name in ("config", "inputs", "code") if before.get(name) != parts[name]]
+    return f"{', '.join(changed)} changed since {newest.name}" if changed else ""
 
 
 def finished_stage(runs: Path, config: Config, stage: str, inputs_hash: str) -> tuple[Path, dict | None]:
@@ -92,8 +125,13 @@ def plan(config: Config, runs: Path, force: list[str]) -> list[StageStatus]:
             statuses.append(StageStatus(stage, "cached", folder, miou=result.get("best_miou", result.get("miou"))))
         else:
             folder = stage_folder(runs, config, stage, inputs)
-            resumable = (folder / "last.pt").is_file() and stage not in forced
-            statuses.append(StageStatus(stage, "planned", folder, detail="resumes" if resumable else ""))
+            if stage in forced:
+                detail = "forced"
+            elif (folder / "last.pt").is_file() or folder.is_dir():
+                detail = "resumes"
+            else:
+                detail = why_not_cached(runs, config, stage, inputs)
+            statuses.append(StageStatus(stage, "planned", folder, detail=detail))
     return statuses
 
 
@@ -132,7 +170,7 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
                 if stage in forced:
                     shutil.rmtree(folder, ignore_errors=True)
                     backend.forget(config, stage, prepared)
-                folder.mkdir(parents=True, exist_ok=True)
+                folder = open_stage_folder(runs, config, stage, prepared.inputs_hash)
                 say(f"[{stage}] running -> {folder}")
                 t0 = time.perf_counter()
                 result = backend.run_stage(config, stage, prepared, folder, checkpoint)
