@@ -15,11 +15,38 @@ _INDEX_MODES = ("P", "L", "I;16", "I")
 
 
 def decode_image_bytes(data: bytes, path: str | Path) -> torch.Tensor:
-    """RGB uint8 (3, H, W) from encoded bytes; DataError names the file when it does not decode."""
+    """RGB uint8 (3, H, W) from encoded bytes of any mode; DataError names the file when it does not decode.
+
+    torchvision decodes JPEG, PNG, WebP and GIF (grey, palette and alpha images become RGB; 16-bit
+    PNGs keep their high byte); Pillow decodes what it does not (BMP, TIFF, 16-bit and float greys).
+    """
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:
-        raise DataError(f"{path}: image does not decode ({str(exc).splitlines()[0]})") from None
+        image = _decode_with_pillow(data)
+        if image is None:
+            raise DataError(f"{path}: image does not decode ({str(exc).splitlines()[0]})") from None
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+def _decode_with_pillow(data: bytes) -> torch.Tensor | None:
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")
+            elif img.mode in ("I", "F"):
+                array = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if array.max(initial=0) > 255 else 255.0
+                img = Image.fromarray((np.clip(array, 0, top) * (255.0 / top)).astype(np.uint8), mode="L")
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_mask_bytes(data: bytes, path: str | Path) -> torch.Tensor:

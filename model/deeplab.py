@@ -135,3 +135,17 @@ class DeepLabV3Plus(nn.Module):
     @staticmethod
     def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+class ClassScores(nn.Module):
+    """A segmentation model seen from outside: normalised images (B, 3, H, W) -> class logits (B, K, H, W).
+
+    The form a trained model is served and logged in (MLflow's pyfunc calls ``forward`` with a batch).
+    """
+
+    def __init__(self, model: DeepLabV3Plus):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits

@@ -366,6 +366,49 @@ def pipeline_run(
 
 
 @app.command()
+def predict(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A stage folder or checkpoint file, a preset (its latest train stage), or an MLflow model URI "
+            "(models:/s4mim-shapes/1, models:/s4mim-shapes@champion, runs:/RUN_ID/model)."
+        ),
+    ],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the masks, overlays and predictions.csv.")],
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write a colour overlay (overlay/).")] = False,
+    confidence: Annotated[
+        bool, typer.Option("--confidence", help="Also write the max-probability map (confidence/).")
+    ] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed) instead of failing.")
+    ] = False,
+    mode: Annotated[
+        str | None, typer.Option(help="original or sliding_window (default: the model's evaluation mode).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images of one size predicted together.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast.")] = False,
+    workers: Annotated[int, typer.Option(help="On a Ray cluster: actors predicting side by side.")] = 1,
+    ray_address: RayAddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Apply a trained model to images: palette masks, overlays, confidence maps and predictions.csv."""
+    from pipeline.predict import Options, run_predict
+
+    if batch_size < 1 or workers < 1:
+        raise UsageError("--batch-size and --workers must be at least 1")
+    options = Options(out.absolute(), overlay, confidence, skip_bad, batch_size)
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    outcome = run_predict(model, inputs, options, runs=_runs(), device=device, amp=amp, mode=mode,
+                          ray_address=address, workers=workers, tracking_uri=tracking_uri)  # fmt: skip
+    for row in outcome.skipped:
+        typer.echo(f"skipped {row['item'].path}: {row['error']}")
+    rate = outcome.written / max(outcome.seconds, 1e-9)
+    typer.echo(f"wrote {outcome.written} mask(s) to {out} ({rate:.1f} img/s); class shares in {outcome.table}")
+
+
+@app.command()
 def sweep(
     spec: Annotated[str, typer.Argument(help="Sweep spec: a name in sweeps/specs (e.g. default) or a JSON file.")],
     ray_address: RayAddressOpt = None,
@@ -526,11 +569,12 @@ def doctor(ray_address: RayAddressOpt = None, tracking_uri: TrackingOpt = None) 
 def ui(
     tracking_uri: TrackingOpt = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 5000,
+    experiment: ExperimentOpt = "s4mim",
 ) -> None:
-    """Serve the MLflow UI for the project's store on 127.0.0.1."""
+    """Serve the MLflow UI for the project's store on 127.0.0.1, and print the URL of its runs table."""
     from pipeline.ui import serve
 
-    raise typer.Exit(serve(tracking_uri, port))
+    raise typer.Exit(serve(tracking_uri, port, experiment))
 
 
 INTERRUPTED_HINT = "interrupted; run the same command again to resume"

@@ -97,16 +97,17 @@ def differing_params(rows: list[RunRow]) -> list[str]:
 
 def render(rows: list[RunRow], fmt: str) -> str:
     params = differing_params(rows)
-    header = ["split", "variant", "val/miou", "run", *params]
+    header = ["split", "variant", "val/miou", "model", "run", *params]
     records = [
-        [r.split, r.variant, f"{r.miou:.2f}" if r.miou is not None else "-", f"{r.name} ({r.run_id[:8]})",
-         *[r.params.get(k, "-") for k in params]]
+        [r.split, r.variant, f"{r.miou:.2f}" if r.miou is not None else "-", r.tags.get("registered_model", "-"),
+         f"{r.name} ({r.run_id[:8]})", *[r.params.get(k, "-") for k in params]]
         for r in rows
     ]  # fmt: skip
     if fmt == "json":
         out = [
-            {"split": r.split, "variant": r.variant, "val/miou": r.miou, "run_id": r.run_id, "name": r.name,
-             "stage": r.stage, "labeled_fraction": r.labeled_fraction, "params": {k: r.params.get(k) for k in params}}
+            {"split": r.split, "variant": r.variant, "val/miou": r.miou, "model": r.tags.get("registered_model"),
+             "run_id": r.run_id, "name": r.name, "stage": r.stage, "labeled_fraction": r.labeled_fraction,
+             "params": {k: r.params.get(k) for k in params}}
             for r in rows
         ]  # fmt: skip
         return json.dumps(out, indent=2)

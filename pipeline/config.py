@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -184,11 +185,23 @@ class ScalingConfig(Section):
     cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per worker.")
 
 
+# ``register`` is the natural key for registering models; it shadows ABCMeta's classmethod only.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingConfig" shadows', category=UserWarning)
+
+
 class TrackingConfig(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI; null means $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db."
     )
     experiment: str = Field("s4mim", description="MLflow experiment name.")
+    register: bool = Field(
+        True,
+        description="Register the train stage's best model as s4mim-<dataset> in the MLflow model registry "
+        "(one version per pipeline run); false logs the model without registering it.",
+    )
+    system_metrics: bool = Field(
+        True, description="Log CPU, memory, disk and (where there is one) GPU use to each training stage's run."
+    )
 
 
 class Config(Section):

@@ -67,14 +67,15 @@ def connect(address: str | None = None) -> str:
     if ray.is_initialized():
         return "connected"
     check_reachable(address)
-    if not address:
+    private = address in (None, "local")
+    if private:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
     try:
         ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    where = f"cluster at {ray.get_runtime_context().gcs_address}" if address else "local (private to this command)"
+    where = "local (private to this command)" if private else f"cluster at {ray.get_runtime_context().gcs_address}"
     return f"Ray {where}: {len(nodes)} node(s), {_describe(ray.cluster_resources())}"
 
 
@@ -131,6 +132,14 @@ def check_storage(path: str) -> None:
         ) from None
 
 
+def system_metrics_interval(config: Config) -> float:
+    """Seconds between system-metric samples in a stage's run (0: off). Read on the driver, since Ray
+    workers do not see its environment: $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, else 5."""
+    if not config.tracking.system_metrics:
+        return 0.0
+    return float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 5)
+
+
 def cluster_lost(exc: BaseException) -> str | None:
     """What an exception says about the cluster itself going away (not the training failing), or None.
 
@@ -172,10 +181,11 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.started = time.perf_counter()
         self.logger = None
+        self.system_metrics = float(tracking.get("system_metrics") or 0) if tracking else 0.0  # seconds; 0 is off
         if tracking and self.rank == 0:
             from pipeline.tracking import StepLogger
 
-            self.logger = StepLogger(tracking["uri"], tracking["run_id"])
+            self.logger = StepLogger(tracking["uri"], tracking["run_id"], self.system_metrics)
 
     def restore(self) -> dict | None:
         import ray.train
@@ -199,12 +209,17 @@ class RayContext:
             if self.logger is not None and stored and stored != self.logger.run_id:
                 from pipeline.tracking import StepLogger
 
-                self.logger = StepLogger(self.logger.tracker.uri, stored)  # the run this state was logged to
+                self.logger.close()
+                self.logger = StepLogger(self.logger.tracker.uri, stored, self.system_metrics)  # the state's run
         return state
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.logger is not None:
             self.logger.log(metrics, step)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
 
     @staticmethod
     def _reported(metrics: dict[str, float], epoch: int) -> dict[str, float]:
@@ -320,7 +335,11 @@ def _worker_loop(loop: dict):
                 "grid_png": evaluation.grid_png,
             }
         schedule = config.warmup if stage == "warmup" else config.train
-        result = fit(config, stage, inputs, RayContext(stage, schedule.epochs, loop["tracking"], loop["run_dir"]))
+        context = RayContext(stage, schedule.epochs, loop["tracking"], loop["run_dir"])
+        try:
+            result = fit(config, stage, inputs, context)
+        finally:
+            context.close()
     result["worker_nodes"] = gather(ray.get_runtime_context().get_node_id())
     result["world_size"] = len(result["worker_nodes"])
     return result
@@ -459,7 +478,9 @@ class RayBackend:
         from pipeline.local import write_evaluation, write_result
 
         run_id = self.pipeline.stage_run(stage) if self.pipeline else None
-        tracking = {"uri": self.tracking_uri, "run_id": run_id} if run_id else None
+        tracking = None
+        if run_id:
+            tracking = {"uri": self.tracking_uri, "run_id": run_id, "system_metrics": system_metrics_interval(config)}
         name = run_name(config, stage, prepared.inputs_hash)
         started = time.perf_counter()
         try:
@@ -496,6 +517,8 @@ class RayBackend:
             out = dict(result.return_value or {})
             out["checkpoint"] = best_checkpoint_path(result)
             out["ray_run"] = name
+            if run_id and stage == "train":
+                out["registered"] = self.pipeline.log_model(run_id, out["checkpoint"], out["best_miou"])
             write_result(folder, out)
             if run_id and stage == "warmup":
                 self.pipeline.tracker.log_metrics(self.pipeline.parent_id, {"val/miou_warmup": out["best_miou"]}, 0)

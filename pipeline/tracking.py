@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from pipeline.config import Config
@@ -22,6 +23,9 @@ from pipeline.errors import UsageError
 from pipeline.paths import runs_dir, unwritable_reason
 
 KEY_TAG = "s4mim.key"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
+MODEL_NAME = "model"  # the artifact path of the train stage's logged model
+MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"  # shipped with it: it loads without s4mim
 PARAM_KEYS = (
     "variant", "seed", "data.dataset", "data.split", "data.crop", "data.batch_size", "model.backbone", "model.init",
     "optim.lr", "unimatch.threshold", "unimatch.cutmix_source", "unimatch.teacher", "mim.mode", "mim.ratio",
@@ -117,14 +121,18 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
 
     def experiment(self, name: str) -> str:
+        """The experiment's id, created as a model-training experiment if it does not exist yet."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+                for key, value in EXPERIMENT_KIND.items():  # made by an older s4mim
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except Exception:  # created meanwhile by another process
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -137,7 +145,7 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def create(self, experiment_id: str, key: str, name: str, tags: dict, parent_id: str | None = None) -> str:
-        tags = {**tags, KEY_TAG: key}
+        tags = {**source_tags(), **tags, KEY_TAG: key}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
@@ -185,14 +193,58 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, context: str) -> None:
+        """A dataset input of the run (the runs table's Dataset column): metadata only, no data."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # a local folder matches two registered source types, both local
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+        tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
+
+
+def source_tags() -> dict[str, str]:
+    """The tags MLflow shows in its Source column: the s4mim command and, in a git checkout, the commit."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "s4mim"}
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
 
 class StepLogger:
     """Rank 0's logger inside a stage: skips steps the run already holds (a redone epoch)."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, system_metrics: float = 0.0):
         self.tracker = Tracker(uri)
         self.run_id = run_id
         self.logged = {key: self.tracker.last_step(run_id, key) for key in ("train/loss", "val/miou")}
+        self.monitor = None
+        if system_metrics > 0:  # CPU, memory, disk, network, and GPU where there is one, every so many seconds
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=system_metrics, resume_logging=True,
+                                                tracking_uri=uri)  # fmt: skip
+            self.monitor.start()
+
+    def close(self) -> None:
+        if self.monitor is None:
+            return
+        try:  # one last sample, so that a stage shorter than the interval still shows its use
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        except Exception:  # the monitor's internals moved: the samples already taken are enough
+            pass
+        self.monitor.finish()
+        self.monitor = None
 
     def log(self, metrics: dict[str, float], step: int, key: str = "train/loss") -> None:
         if step <= self.logged.get(key, -1):
@@ -217,6 +269,7 @@ class PipelineTracking:
     ):
         self.tracker = Tracker(uri)
         self.config, self.inputs_hash, self.labeled = config, prepared.inputs_hash, prepared.labeled
+        self.prepared = prepared
         self.experiment_id = self.tracker.experiment(config.tracking.experiment)
         config_hash = config.stage_hash("evaluate", self.inputs_hash)
         key = key or f"pipeline-{config_hash}"
@@ -246,7 +299,75 @@ class PipelineTracking:
         run_id = self.tracker.create(self.experiment_id, key, f"{config.preset} {stage}", tags, self.parent_id)
         self.tracker.log_params(run_id, flat_params(config))
         self.tracker.log_text(run_id, json.dumps(config.model_dump(mode="json"), indent=2), "config.json")
+        self._log_dataset(run_id, "eval" if stage == "evaluate" else "train")
         return run_id
+
+    def _log_dataset(self, run_id: str, context: str) -> None:
+        from pipeline.prepare import dataset_root
+
+        name = f"{self.config.data.dataset}/{self.config.data.split}"
+        root = str(dataset_root(self.config))
+        self.tracker.log_dataset(run_id, name, self.prepared.content_hash, root, context)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.tracker.finish(run_id, status)
+
+    def log_model(self, run_id: str, checkpoint: str, miou: float) -> str | None:
+        """Log the train stage's best model into its run and, unless ``tracking.register`` is off, register it
+        as a version of ``s4mim-<dataset>``; returns ``name/version`` or None."""
+        version = log_trained_model(self.tracker.uri, run_id, checkpoint, self.config, self.config.tracking.register)
+        if version is None:
+            return None
+        name, number = version
+        split = run_tags(self.config, "train", self.labeled, "", 1)["split"]
+        tags = {"split": split, "variant": self.config.variant, "val_miou": f"{miou:.2f}", "run_id": run_id}
+        for key, value in tags.items():
+            self.tracker.client.set_model_version_tag(name, number, key, value)
+        registered = f"{name}/{number}"
+        self.tracker.set_tags(run_id, {"registered_model": registered})
+        self.tracker.set_tags(self.parent_id, {"registered_model": registered})
+        return registered
+
+
+def log_trained_model(uri: str, run_id: str, checkpoint: str, config: Config, register: bool):
+    """``mlflow.pytorch.log_model`` of the checkpoint's model as class scores, with a signature, an input
+    example, the checkpoint itself (``extra_files``, for ``s4mim predict``) and the ``model`` package
+    (``code_paths``, so that it loads where s4mim is not installed). Returns (name, version) if registered."""
+    import tempfile
+
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from model.deeplab import ClassScores
+    from pipeline.engine import build_model, load_weights
+    from pipeline.stages import load_state
+
+    state = load_state(Path(checkpoint))
+    model = build_model(config, len(state["classes"]), reconstruction=False)
+    load_weights(model, state["engine"]["model"])
+    scorer = ClassScores(model).eval()
+    side = config.eval_crop
+    example = torch.zeros(1, 3, side, side)
+    images = TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))  # any batch and size: normalised RGB
+    scores = TensorSpec(np.dtype(np.float32), (-1, len(state["classes"]), -1, -1))
+    signature = ModelSignature(inputs=Schema([images]), outputs=Schema([scores]))
+    name = f"s4mim-{config.data.dataset}" if register else None
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = {"engine": {"model": state["engine"]["model"]}, "config": state["config"], "classes": state["classes"]}
+        torch.save(kept, Path(tmp) / "state.pt")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                scorer, name=MODEL_NAME, signature=signature, input_example=example.numpy(),
+                extra_files=[str(Path(tmp) / "state.pt")], code_paths=[str(MODEL_PACKAGE)],
+                pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "torchvision"],
+                registered_model_name=name, await_registration_for=0,
+                serialization_format="pickle",  # any image size; MLflow's default (torch.export) fixes the example's
+            )  # fmt: skip
+    if name is None:
+        return None
+    return name, str(info.registered_model_version)

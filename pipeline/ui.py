@@ -36,7 +36,18 @@ def server_command(uri: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def serve(tracking_uri: str | None, port: int) -> int:
+def runs_page(uri: str, experiment: str, base: str) -> str:
+    """The URL of ``experiment``'s runs table under the UI at ``base`` (the UI's home if it has no runs yet)."""
+    from pipeline.tracking import Tracker
+
+    try:
+        found = Tracker(uri).client.get_experiment_by_name(experiment)
+    except Exception:  # an empty or unreadable store: the UI's own page still helps
+        found = None
+    return f"{base}/#/experiments/{found.experiment_id}/runs" if found is not None else base
+
+
+def serve(tracking_uri: str | None, port: int, experiment: str = "s4mim") -> int:
     from pipeline.tracking import tracking_uri as resolve
 
     uri = resolve(None, tracking_uri)
@@ -51,7 +62,9 @@ def serve(tracking_uri: str | None, port: int) -> int:
         port = free_port()
     elif not port_free(port):
         raise UsageError(f"port {port} on 127.0.0.1 is taken; pass --port 0 for a free one (make ui PORT=0)")
-    say(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C stops it)")
+    base = f"http://127.0.0.1:{port}"
+    say(f"MLflow UI for {uri} at {base}  (Ctrl-C stops it)")
+    say(f"runs of experiment {experiment}: {runs_page(uri, experiment, base)}")
     try:
         return subprocess.call(server_command(uri, port))
     except KeyboardInterrupt:

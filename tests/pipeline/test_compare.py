@@ -54,7 +54,7 @@ def test_compare_groups_by_split_and_shows_differing_params(capsys, store):
     assert code == 0 and {r["variant"]: r["val/miou"] for r in rows} == {"s4mim": 66.0, "unimatch": 64.0}
 
     code, out, _ = run_main(capsys, "runs", "compare", "--format", "csv")
-    assert code == 0 and out.splitlines()[0].startswith("split,variant,val/miou,run")
+    assert code == 0 and out.splitlines()[0].startswith("split,variant,val/miou,model,run")
 
 
 def test_compare_errors(capsys, store):

@@ -32,8 +32,9 @@ def no_ray_address(monkeypatch):
 
 
 def _warmup_args(tiny_shapes, epochs: int = 8) -> list[str]:
+    # Epochs of a few seconds, so that Ctrl-C lands long before the last one even on a loaded machine.
     return ["warmup", "shapes-1/8", *tiny_args(tiny_shapes, f"warmup.epochs={epochs}", "warmup.eval_every=1",
-            "data.split=1/2")]  # fmt: skip
+            "data.split=1/2", "warmup.steps_per_epoch=30")]  # fmt: skip
 
 
 @pytest.mark.parametrize("attempt", range(4))

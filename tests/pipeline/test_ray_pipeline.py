@@ -50,7 +50,7 @@ def _tracking(runs):
 
 def test_pipeline_runs_as_ray_jobs_and_is_tracked_then_cached(cluster, tiny_shapes, tmp_path):
     runs = tmp_path / "runs"
-    env = env_for(runs, cluster.address)
+    env = {**env_for(runs, cluster.address), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     args = ["pipeline", "run", "shapes-1/8", *tiny_args(tiny_shapes, "scaling.workers=2")]
     first = s4mim(*args, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -84,6 +84,24 @@ def test_pipeline_runs_as_ray_jobs_and_is_tracked_then_cached(cluster, tiny_shap
     assert {"iou.csv", "grid.png", "config.json"} <= artifacts
     assert "val/miou" in client.get_run(parent["run_id"]).data.metrics
 
+    # The UI's view: a model-training experiment, datasets, a logged and registered model, system metrics.
+    experiment = client.get_experiment(train.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    for child in children:
+        run = client.get_run(child["run_id"])
+        (dataset,) = run.inputs.dataset_inputs
+        assert dataset.dataset.name == "shapes/1/4" and dataset.dataset.digest  # TINY_OVERRIDES: 1/4
+        context = "eval" if child["tags"]["stage"] == "evaluate" else "train"
+        assert [t.value for t in dataset.tags] == [context]
+        assert run.data.tags["mlflow.source.name"] == "s4mim"
+    for stage in ("warmup", "train"):
+        assert any(k.startswith("system/cpu") for k in client.get_run(by_stage[stage]["run_id"]).data.metrics), stage
+    (version,) = client.search_model_versions("name='s4mim-shapes'")
+    assert version.run_id == train.info.run_id and version.tags["split"] == "shapes-1/8"
+    assert version.tags["variant"] == "s4mim" and float(version.tags["val_miou"]) >= 0
+    assert train.data.tags["registered_model"] == f"s4mim-shapes/{version.version}"
+    _check_pyfunc_scores(runs, f"models:/s4mim-shapes/{version.version}")
+
     result = json.loads(next((runs / "stages" / "shapes-1_8").glob("warmup-*/result.json")).read_text())
     assert result["world_size"] == 2 and result["steps_per_epoch"] == 1  # 10 labeled, batch 4, 2 workers
 
@@ -93,6 +111,29 @@ def test_pipeline_runs_as_ray_jobs_and_is_tracked_then_cached(cluster, tiny_shap
         assert f"\n{stage:<10} cached" in second.stdout
     assert "running ->" not in second.stdout
     assert len(mlflow_runs(runs / "mlflow.db")) == len(records)  # nothing new was trained or logged
+
+
+def _check_pyfunc_scores(runs, uri: str) -> None:
+    """``mlflow.pyfunc.load_model(uri).predict`` gives the class scores of the checkpoint loaded directly."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline.config import Config
+    from pipeline.engine import build_model, load_weights
+    from pipeline.stages import load_state
+
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    batch = np.random.default_rng(0).standard_normal((2, 3, 40, 44)).astype(np.float32)
+    served = np.asarray(mlflow.pyfunc.load_model(uri).predict(batch))
+    result = json.loads(next((runs / "stages" / "shapes-1_8").glob("train-*/result.json")).read_text())
+    state = load_state(result["checkpoint"])
+    model = build_model(Config.model_validate(state["config"]), len(state["classes"]), reconstruction=False)
+    load_weights(model, state["engine"]["model"])
+    with torch.no_grad():
+        direct = model.eval()(torch.from_numpy(batch)).logits.numpy()
+    assert served.shape == direct.shape == (2, len(state["classes"]), 40, 44)
+    np.testing.assert_allclose(served, direct, atol=1e-5)
 
 
 def test_killed_worker_resumes_from_its_checkpoint_into_the_same_run(cluster, tiny_shapes, tmp_path):
