@@ -84,9 +84,10 @@ class EvalDataset(_Samples):
         return {"image": normalize(self.image(index)), "label": self.mask(index).long(), "index": index}
 
 
-def ignore_interrupts(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C reaches every process of the terminal's group; workers
-    leave it to the training process, which stops them, instead of each printing a traceback."""
+def ignore_interrupts(*_worker_id: int) -> None:
+    """A worker process's start (DataLoader ``worker_init_fn``, a pool's ``initializer``): Ctrl-C reaches
+    every process of the terminal's group; workers leave it to the main process, which stops them,
+    instead of each printing a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

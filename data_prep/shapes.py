@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision.io import encode_jpeg
 
 from data_prep.atomic import atomic_path
+from data_prep.datasets import ignore_interrupts
 from data_prep.palette import voc_palette
 
 CLASSES = (
@@ -267,7 +268,7 @@ def synthesize(root: Path, seed: int = 0, settings: ShapesSettings = ShapesSetti
         workers = min(len(jobs), os.cpu_count() or 1)
         done = 0
         # Images are independent, so processes draw them side by side; each is a pure function of (seed, index).
-        with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+        with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=ignore_interrupts) as pool:
             for written in pool.map(_write_chunk, jobs):
                 done += written
                 if progress is not None:

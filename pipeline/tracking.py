@@ -285,6 +285,7 @@ class PipelineTracking:
             self.parent_id = self.tracker.create(self.experiment_id, key, name, run_tags_)
             self.tracker.log_params(self.parent_id, flat_params(config))
             self.tracker.log_text(self.parent_id, json.dumps(config.model_dump(mode="json"), indent=2), "config.json")
+            self._log_dataset(self.parent_id, "train")
 
     def stage_run(self, stage: str, fresh: bool = False) -> str:
         """The child run of ``stage``: the unfinished one to resume, or a new one."""
@@ -315,10 +316,17 @@ class PipelineTracking:
     def log_model(self, run_id: str, checkpoint: str, miou: float) -> str | None:
         """Log the train stage's best model into its run and, unless ``tracking.register`` is off, register it
         as a version of ``s4mim-<dataset>``; returns ``name/version`` or None."""
-        version = log_trained_model(self.tracker.uri, run_id, checkpoint, self.config, self.config.tracking.register)
-        if version is None:
+        from mlflow.entities import LoggedModelOutput
+
+        info = log_trained_model(self.tracker.uri, run_id, checkpoint, self.config, self.config.tracking.register)
+        self.tracker.client.log_outputs(self.parent_id, [LoggedModelOutput(info.model_id, 0)])  # the pipeline's too
+        # The runs table's Models column reads this tag (MLflow 3.17's UI), not the run's outputs.
+        history = [{"run_id": run_id, "artifact_path": MODEL_NAME, "utc_time_created": info.utc_time_created,
+                    "flavors": {flavor: {} for flavor in info.flavors}, "model_uuid": info.model_uuid}]  # fmt: skip
+        self.tracker.set_tags(run_id, {"mlflow.log-model.history": json.dumps(history)})
+        if not self.config.tracking.register:
             return None
-        name, number = version
+        name, number = f"s4mim-{self.config.data.dataset}", str(info.registered_model_version)
         split = run_tags(self.config, "train", self.labeled, "", 1)["split"]
         tags = {"split": split, "variant": self.config.variant, "val_miou": f"{miou:.2f}", "run_id": run_id}
         for key, value in tags.items():
@@ -332,7 +340,7 @@ class PipelineTracking:
 def log_trained_model(uri: str, run_id: str, checkpoint: str, config: Config, register: bool):
     """``mlflow.pytorch.log_model`` of the checkpoint's model as class scores, with a signature, an input
     example, the checkpoint itself (``extra_files``, for ``s4mim predict``) and the ``model`` package
-    (``code_paths``, so that it loads where s4mim is not installed). Returns (name, version) if registered."""
+    (``code_paths``, so that it loads where s4mim is not installed). Returns MLflow's ModelInfo."""
     import tempfile
 
     import mlflow
@@ -368,6 +376,4 @@ def log_trained_model(uri: str, run_id: str, checkpoint: str, config: Config, re
                 registered_model_name=name, await_registration_for=0,
                 serialization_format="pickle",  # any image size; MLflow's default (torch.export) fixes the example's
             )  # fmt: skip
-    if name is None:
-        return None
-    return name, str(info.registered_model_version)
+    return info

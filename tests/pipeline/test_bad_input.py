@@ -263,3 +263,12 @@ def test_outputs_follow_the_umask(tiny_shapes, tmp_path):
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
     assert not [p for p in runs.rglob(".*") if p.is_file()]  # no temporary leftovers
+
+
+def test_ctrl_c_while_generating_shapes_leaves_nothing_half_written(tmp_path):
+    root = tmp_path / "shapes"
+    code, _, err = interrupt_after(["data", "synth", "--root", str(root)], {}, "images: ")
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
+    assert not root.exists() and not list(tmp_path.glob(".shapes.*"))  # atomic: all or nothing
