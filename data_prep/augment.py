@@ -35,17 +35,26 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return (image * std + mean).clamp(0, 1)
 
 
-class WeakView:
-    """Rescale, crop and flip an image together with any number of masks."""
+PADS = ("black_bottom_right", "mean_random")
 
-    def __init__(self, crop: int, scale_range: tuple[float, float] = (0.5, 2.0)):
+
+class WeakView:
+    """Rescale, crop and flip an image together with any number of masks.
+
+    An image smaller than the crop is padded first (masks with 255, void): ``black_bottom_right`` pads
+    with black on the right and bottom, as UniMatch does; ``mean_random`` pads with the mean colour
+    (0 after normalisation) around a random position.
+    """
+
+    def __init__(self, crop: int, scale_range: tuple[float, float] = (0.5, 2.0), pad: str = "black_bottom_right"):
+        if pad not in PADS:
+            raise ValueError(f"pad {pad!r}: choose one of {', '.join(PADS)}")
         self.crop = crop
         self.scale_range = scale_range
+        self.pad = pad
+        fill = {tv_tensors.Image: 0 if pad == "black_bottom_right" else MEAN_UINT8, tv_tensors.Mask: IGNORE}
         self.crop_and_flip = v2.Compose(
-            [
-                v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: MEAN_UINT8, tv_tensors.Mask: IGNORE}),
-                v2.RandomHorizontalFlip(),
-            ]
+            [v2.RandomCrop(crop, pad_if_needed=pad == "mean_random", fill=fill), v2.RandomHorizontalFlip()]
         )
 
     def __call__(self, image: torch.Tensor, *masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -58,6 +67,11 @@ class WeakView:
         masks = tuple(
             TF.resize(tv_tensors.Mask(m), size, interpolation=v2.InterpolationMode.NEAREST_EXACT) for m in masks
         )
+        if self.pad == "black_bottom_right":
+            right, bottom = max(self.crop - size[1], 0), max(self.crop - size[0], 0)
+            if right or bottom:
+                image = TF.pad(image, [0, 0, right, bottom], fill=0)
+                masks = tuple(TF.pad(m, [0, 0, right, bottom], fill=IGNORE) for m in masks)
         out = self.crop_and_flip(image, *masks)
         return tuple(t.as_subclass(torch.Tensor) for t in out)
 
@@ -92,17 +106,20 @@ def cutmix_box(
     area: tuple[float, float] = (0.02, 0.4),
     ratio: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> torch.Tensor:
-    """A (size, size) bool box covering ``area`` of the crop with aspect ``ratio``; empty with 1 - p."""
+    """A (size, size) bool box covering ``area`` of the crop with aspect ``ratio``; empty with 1 - p.
+
+    As UniMatch draws it: the area once, then the aspect and the top-left corner (anywhere in the crop)
+    again until the box fits.
+    """
     box = torch.zeros(size, size, dtype=torch.bool)
     if torch.rand(()).item() > p:
         return box
-    for _ in range(100):
-        a = size * size * (area[0] + (area[1] - area[0]) * torch.rand(()).item())
+    a = size * size * (area[0] + (area[1] - area[0]) * torch.rand(()).item())
+    for _ in range(1000):
         r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(()).item()
         w, h = int(math.sqrt(a / r)), int(math.sqrt(a * r))
-        if 0 < w <= size and 0 < h <= size:
-            x = int(torch.randint(0, size - w + 1, ()))
-            y = int(torch.randint(0, size - h + 1, ()))
+        x, y = int(torch.randint(0, size, ())), int(torch.randint(0, size, ()))
+        if x + w <= size and y + h <= size:
             box[y : y + h, x : x + w] = True
             return box
     return box

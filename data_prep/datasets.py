@@ -36,9 +36,9 @@ class _Samples(Dataset):
 class LabeledDataset(_Samples):
     """Weak views of labeled images: ``image`` (3, S, S), ``label`` (S, S), ``padding`` (S, S) bool."""
 
-    def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), label_lut=None):
+    def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), label_lut=None, pad: str = "black_bottom_right"):
         super().__init__(rows, label_lut)
-        self.weak = WeakView(crop, scale_range)
+        self.weak = WeakView(crop, scale_range, pad)
 
     def __getitem__(self, key: Key) -> dict[str, torch.Tensor]:
         index, seed = key
@@ -52,10 +52,11 @@ class LabeledDataset(_Samples):
 class UnlabeledDataset(_Samples):
     """A weak view, two strong views of it, the padding mask and a CutMix box per strong view."""
 
-    def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), cutmix_p: float = 0.5, strong: dict | None = None):
+    def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), cutmix_p: float = 0.5, strong: dict | None = None,
+                 pad: str = "black_bottom_right"):  # fmt: skip
         super().__init__(rows)
         self.crop = crop
-        self.weak = WeakView(crop, scale_range)
+        self.weak = WeakView(crop, scale_range, pad)
         self.strong = StrongView(**(strong or {}))
         self.cutmix_p = cutmix_p
 

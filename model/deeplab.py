@@ -43,7 +43,9 @@ class ASPP(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList([_conv_bn_relu(cin, cout)] + [_conv_bn_relu(cin, cout, 3, d) for d in dilations])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(cin, cout))
-        self.project = nn.Sequential(_conv_bn_relu(cout * (len(dilations) + 2), cout), nn.Dropout(0.5))
+        # No dropout after the projection (UniMatch has none): in train mode it would randomise the weak
+        # view's pseudo labels, which come from the same forward pass.
+        self.project = _conv_bn_relu(cout * (len(dilations) + 2), cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -112,17 +114,23 @@ class DeepLabV3Plus(nn.Module):
     ) -> SegOutput:
         """Segment ``x`` (B, 3, H, W).
 
-        ``perturb_from=i`` also decodes Dropout2d-perturbed encoder features of ``x[i:]``.
+        ``perturb_from=i`` also returns the logits of Dropout2d-perturbed encoder features of ``x[i:]``.
+        As in UniMatch, the clean and the perturbed features of the whole batch are decoded in one call
+        (2B rows), so both share the decoder's BatchNorm batch statistics and its running statistics
+        are updated once per step.
         ``need_logits=False`` skips the classifier and its upsampling (the masked forward of MIM).
         """
         size = x.shape[-2:]
-        low, high = self.backbone(x)
-        features = self._decode(low, high)
-        out = SegOutput(logits=self._upsample(self.classifier(features), size) if need_logits else None)
+        low, high = self.backbone(x)  # (B, C_low, H/4, W/4), (B, C_high, H/16, W/16)
+        logits_fp = None
         if perturb_from is not None:
-            low_fp = self.fp_dropout(low[perturb_from:])
-            high_fp = self.fp_dropout(high[perturb_from:])
-            out.logits_fp = self._upsample(self.classifier(self._decode(low_fp, high_fp)), size)
+            both = self._decode(torch.cat([low, self.fp_dropout(low)]), torch.cat([high, self.fp_dropout(high)]))
+            features, features_fp = both.chunk(2)  # (B, D, H/4, W/4) each
+            logits_fp = self._upsample(self.classifier(features_fp[perturb_from:]), size)
+        else:
+            features = self._decode(low, high)
+        out = SegOutput(logits=self._upsample(self.classifier(features), size) if need_logits else None)
+        out.logits_fp = logits_fp
         if need_features:
             out.features = features
             out.encoder_features = high

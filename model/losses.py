@@ -19,6 +19,23 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
 
 
+def ohem_loss(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.7, min_kept: int = 200_000):
+    """L_x with online hard example mining (UniMatch's Cityscapes recipe): cross-entropy over the labeled
+    pixels whose probability of their true class is at most ``threshold``, widened to the ``min_kept``
+    hardest labeled pixels of the batch when fewer are that hard (all of them when there are no more).
+    Logits (B, K, H, W), labels (B, H, W)."""
+    labels = labels.long()
+    valid = labels != IGNORE  # (B, H, W)
+    with torch.no_grad():
+        probs = logits.detach().float().softmax(dim=1)  # (B, K, H, W)
+        truth = probs.gather(1, labels.clamp_max(logits.shape[1] - 1).unsqueeze(1)).squeeze(1)  # (B, H, W)
+        truth = truth.masked_fill(~valid, 2.0)  # void sorts after every probability
+        k = min(min_kept, truth.numel())
+        cut = truth.flatten().kthvalue(k).values if k > 0 else truth.new_zeros(())  # k-th hardest pixel
+        kept = valid & (truth <= cut.clamp_min(threshold))
+    return F.cross_entropy(logits, labels.masked_fill(~kept, IGNORE), ignore_index=IGNORE)
+
+
 def pseudo_label_loss(
     logits: torch.Tensor,
     pseudo: torch.Tensor,

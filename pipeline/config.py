@@ -42,6 +42,12 @@ class DataConfig(Section):
     scale_range: tuple[float, float] = Field(
         (0.5, 2.0), description="Random rescale range of the weak view, relative to the image's size."
     )
+    pad: Literal["black_bottom_right", "mean_random"] = Field(
+        "black_bottom_right",
+        description="How a rescaled image smaller than the crop is padded (the padding never counts in a loss): "
+        "black_bottom_right, black on the right and bottom as UniMatch does; mean_random, the mean colour "
+        "around a random position.",
+    )
     batch_size: int = Field(
         8, ge=1, description="Labeled images per worker and step; the unlabeled batch is the same size."
     )
@@ -72,6 +78,19 @@ class ModelConfig(Section):
     low_level_channels: int = Field(48, ge=4, description="Channels the stride-4 encoder features are reduced to.")
     dilations: tuple[int, int, int] = Field((6, 12, 18), description="ASPP atrous rates at output stride 16.")
     fp_dropout: float = Field(0.5, ge=0, lt=1, description="Dropout2d rate of UniMatch's feature perturbation.")
+
+
+class LossConfig(Section):
+    supervised: Literal["ce", "ohem"] = Field(
+        "ce",
+        description="L_x: ce (cross-entropy) or ohem (online hard example mining, UniMatch's Cityscapes "
+        "choice: CE over the pixels whose true-class probability is at most ohem_threshold, at least the "
+        "ohem_min_kept hardest). Used by the warmup and the train stage alike.",
+    )
+    ohem_threshold: float = Field(0.7, gt=0, le=1, description="ohem: pixels this sure of their class or less count.")
+    ohem_min_kept: int = Field(
+        200_000, ge=0, description="ohem: at least this many of the hardest labeled pixels of a batch count."
+    )
 
 
 class UniMatchConfig(Section):
@@ -214,6 +233,7 @@ class Config(Section):
     mim: MIMConfig = Field(default_factory=MIMConfig, description="Class-wise masked image modeling.")
     fa: FAConfig = Field(default_factory=FAConfig, description="Intra-class feature aggregation.")
     smim: SMIMConfig = Field(default_factory=SMIMConfig, description="Masked modeling in semantic space.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The supervised loss.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and precision.")
     warmup: StageConfig = Field(
         default_factory=lambda: StageConfig(epochs=40), description="Teacher warmup: supervised, labeled split only."
@@ -262,6 +282,7 @@ class Config(Section):
             "data": self.data.model_dump(exclude={"loader_workers"}),
             "model": self.model.model_dump(),
             "optim": self.optim.model_dump(exclude={"channels_last"}),
+            "loss": self.loss.model_dump(),
             "workers": self.scaling.workers,
         }
         if stage == "warmup":

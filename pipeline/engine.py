@@ -26,6 +26,7 @@ from model.losses import (
     confident_fraction,
     feature_aggregation_loss,
     mix_in_box,
+    ohem_loss,
     pseudo_label_loss,
     pseudo_labels,
     reconstruction_loss,
@@ -198,8 +199,11 @@ class Engine:
 
     def _set_lr(self) -> float:
         power = self.config.optim.poly_power
+        # UniMatch sets the lr after each step from the iterations done before it, so step k uses the
+        # decay of step k - 1 (steps 0 and 1 both use the base lr).
+        done = max(self.step - 1, 0)
         for group in self.optimizer.param_groups:
-            group["lr"] = poly_lr(group["base_lr"], self.step, self.total_steps, power)
+            group["lr"] = poly_lr(group["base_lr"], done, self.total_steps, power)
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, labeled: dict, unlabeled: dict | None = None, partner: dict | None = None) -> dict:
@@ -209,7 +213,7 @@ class Engine:
         labeled = move(labeled, self.device, self.config.optim.channels_last)
         with self.autocast():
             if self.variant == "supervised":
-                terms, extra = {"x": supervised_loss(self.net(labeled["image"]).logits, labeled["label"])}, {}
+                terms, extra = {"x": self._supervised(self.net(labeled["image"]).logits, labeled["label"])}, {}
             else:
                 unlabeled = move(unlabeled, self.device, self.config.optim.channels_last)
                 partner = move(partner, self.device, self.config.optim.channels_last) if partner else None
@@ -233,6 +237,13 @@ class Engine:
             if name in terms:
                 metrics[f"loss_{name}"] = terms[name].detach()
         return metrics | extra
+
+    def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_x: cross-entropy, or OHEM where the config asks for it."""
+        loss = self.config.loss
+        if loss.supervised == "ohem":
+            return ohem_loss(logits, labels, loss.ohem_threshold, loss.ohem_min_kept)
+        return supervised_loss(logits, labels)
 
     @torch.no_grad()
     def _predict_eval(self, images: torch.Tensor) -> torch.Tensor:
@@ -288,7 +299,7 @@ class Engine:
             logits_s = self.net(torch.cat(strong)).logits.chunk(len(strong))
 
         terms = {
-            "x": supervised_loss(logits_x, y),
+            "x": self._supervised(logits_x, y),
             "s1": pseudo_label_loss(logits_s[0], *target1, tau),
             "s2": pseudo_label_loss(logits_s[1], *target2, tau),
         }

@@ -39,8 +39,10 @@ def _cityscapes(split: str) -> dict:
     return {
         "data": {"dataset": "cityscapes", "split": split, "crop": 801, "batch_size": 2, "loader_workers": 4},
         "model": {"backbone": "resnet101", "init": "imagenet"},
-        "optim": {"lr": 0.005},
-        "unimatch": {"threshold": 0.95},
+        # UniMatch's Cityscapes config: confidence threshold 0, head lr x 1, an OHEM supervised loss.
+        "optim": {"lr": 0.005, "head_lr_mult": 1.0},
+        "loss": {"supervised": "ohem"},
+        "unimatch": {"threshold": 0.0},
         "mim": {"patch": 80},
         "warmup": {"epochs": 80},
         "train": {"epochs": 240},

@@ -129,14 +129,16 @@ def build_data(
             worker_init_fn=ignore_interrupts,
         )
 
-    labeled = loader(LabeledDataset(_rows(manifest, split.labeled), d.crop, d.scale_range, manifest.label_lut), 0)
+    labeled = loader(
+        LabeledDataset(_rows(manifest, split.labeled), d.crop, d.scale_range, manifest.label_lut, d.pad), 0
+    )
     unlabeled = partner = None
     if semi:
         u_rows = _rows(manifest, split.unlabeled)
         u = config.unimatch
         strong = {"jitter": u.strong_jitter, "jitter_p": u.strong_jitter_p, "grayscale_p": u.strong_grayscale_p,
                   "blur_sigma": u.strong_blur_sigma, "blur_p": u.strong_blur_p}  # fmt: skip
-        make = lambda: UnlabeledDataset(u_rows, d.crop, d.scale_range, u.cutmix_p, strong)  # noqa: E731
+        make = lambda: UnlabeledDataset(u_rows, d.crop, d.scale_range, u.cutmix_p, strong, d.pad)  # noqa: E731
         unlabeled = loader(make(), 1)
         if config.unimatch.cutmix_source == "batch":
             partner = loader(make(), 2)

@@ -12,7 +12,7 @@ def test_weak_view_keeps_image_and_mask_aligned_and_marks_padding():
     label[:, 5:15, 10:25] = 3
     image = torch.zeros(3, 20, 30, dtype=torch.uint8)
     image[0] = label[0] * 60
-    view = WeakView(crop=48, scale_range=(0.5, 2.0))
+    view = WeakView(crop=48, scale_range=(0.5, 2.0), pad="mean_random")
     for seed in range(20):
         torch.manual_seed(seed)
         img, lab, pad = view(image, label, torch.zeros_like(label))
@@ -26,6 +26,28 @@ def test_weak_view_keeps_image_and_mask_aligned_and_marks_padding():
         assert agree > 0.95
         assert torch.all(img[:, padded].T == torch.tensor(MEAN_UINT8, dtype=torch.uint8))
     assert normalize(torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(3, 1, 1)).abs().max() < 0.01
+
+
+def test_default_padding_is_black_on_the_right_and_bottom():
+    # UniMatch pads a small image with black on the right and bottom, then crops at random: the
+    # padding is a band along the bottom and right edges of the image, never above or left of it.
+    label = torch.ones(1, 20, 30, dtype=torch.uint8)
+    image = torch.full((3, 20, 30), 200, dtype=torch.uint8)
+    view = WeakView(crop=48, scale_range=(1.0, 1.0))
+    flipped = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        img, lab, pad = view(image, label, torch.zeros_like(label))
+        padded = pad[0] == 255
+        assert torch.equal(padded, lab[0] == 255)
+        assert torch.all(img[:, padded] == 0)  # black
+        # Padded to 48 x 48 with the image in the top-left corner, so the crop is the whole of it.
+        assert padded[20:].all()  # the bottom band
+        image_on_left = not padded[:20, :30].any() and padded[:20, 30:].all()
+        image_on_right = not padded[:20, 18:].any() and padded[:20, :18].all()  # flipped
+        assert image_on_left != image_on_right
+        flipped += image_on_right
+    assert 0 < flipped < 20  # the horizontal flip takes the right band to the left half of the time
 
 
 def test_cutmix_box_area_and_probability():

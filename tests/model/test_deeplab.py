@@ -51,3 +51,33 @@ def test_local_file_init(tmp_path):
         build_backbone("resnet18_slim", str(tmp_path / "missing.pth"))
     with pytest.raises(BackboneInitError, match="does not fit"):
         build_backbone("resnet50", str(path))
+
+
+def _tiny(**kwargs) -> DeepLabV3Plus:
+    return DeepLabV3Plus(5, "resnet18_slim", aspp_channels=16, decoder_channels=16, low_level_channels=8, **kwargs)
+
+
+def test_no_dropout_after_aspp():
+    model = _tiny()
+    assert not [m for m in model.aspp.modules() if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d)]
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    first = model(x).logits
+    torch.manual_seed(1)
+    assert torch.equal(first, model(x).logits)  # train mode, no perturbation: nothing random
+
+
+def test_clean_and_perturbed_features_are_decoded_in_one_call(monkeypatch):
+    model = _tiny(fp_dropout=0.0).train()
+    calls = []
+    decode = model._decode
+    monkeypatch.setattr(model, "_decode", lambda low, high: calls.append(low.shape[0]) or decode(low, high))
+    x = torch.randn(3, 3, 32, 32)
+    out = model(x, perturb_from=1)
+    assert calls == [6]  # one decode of 2 x 3 rows: clean and perturbed share BatchNorm's batch statistics
+    # With a dropout of 0 the perturbed half is the clean half: the same batch statistics give the same logits.
+    torch.testing.assert_close(out.logits_fp, out.logits[1:])
+    running = model.fuse[0][1].num_batches_tracked.item()
+    model(x, perturb_from=1)
+    assert model.fuse[0][1].num_batches_tracked.item() == running + 1  # running statistics: once a step

@@ -10,6 +10,7 @@ from model.losses import (
     confident_fraction,
     feature_aggregation_loss,
     mix_in_box,
+    ohem_loss,
     pseudo_label_loss,
     pseudo_labels,
     reconstruction_loss,
@@ -29,6 +30,21 @@ def test_supervised_loss_ignores_void():
     logits[0, 0, 0, 0] = math.log(3.0)  # p(class 0) = 3/4 at pixel 0
     labels = torch.tensor([[[0, 255]]])
     assert supervised_loss(logits, labels).item() == pytest.approx(-math.log(0.75))
+
+
+def test_ohem_keeps_the_hard_pixels_or_the_min_kept_hardest():
+    # 4 labeled pixels (class 0) with p(true class) = 0.9, 0.6, 0.3, 0.8 and one void pixel.
+    p = torch.tensor([0.9, 0.6, 0.3, 0.8, 0.5])
+    logits = torch.stack([p.log(), (1 - p).log()]).view(1, 2, 1, 5)
+    labels = torch.tensor([[[0, 0, 0, 0, 255]]])
+    ce = -p.log()
+    # threshold 0.7: pixels with p <= 0.7 are hard (0.6 and 0.3); min_kept 1 adds nothing.
+    assert ohem_loss(logits, labels, 0.7, 1).item() == pytest.approx(((ce[1] + ce[2]) / 2).item(), rel=1e-5)
+    # min_kept 3: the 3 hardest (0.3, 0.6, 0.8) even though 0.8 is above the threshold.
+    assert ohem_loss(logits, labels, 0.7, 3).item() == pytest.approx(((ce[1] + ce[2] + ce[3]) / 3).item(), rel=1e-5)
+    # min_kept at or above the labeled count: every labeled pixel, the plain loss; void never counts.
+    assert ohem_loss(logits, labels, 0.7, 4).item() == pytest.approx(supervised_loss(logits, labels).item())
+    assert ohem_loss(logits, labels, 0.7, 10).item() == pytest.approx(supervised_loss(logits, labels).item())
 
 
 def test_pseudo_label_loss_masks_unconfident_and_divides_by_non_padding():
