@@ -137,3 +137,13 @@ def test_predict_on_ray_writes_what_predict_in_process_writes(trained, tiny_shap
         for sub in ("", "overlay/"):
             assert (tmp_path / "ray" / sub / name).read_bytes() == (tmp_path / "local" / sub / name).read_bytes()
     assert (tmp_path / "ray" / "predictions.csv").read_text() == (tmp_path / "local" / "predictions.csv").read_text()
+
+
+def test_an_out_folder_that_cannot_be_written(trained, tiny_shapes, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    image = _val_images(tiny_shapes)[0]
+    done = run_s4mim("predict", "shapes-1/8", str(image), "--out", str(blocker), env={"S4MIM_RUNS": str(trained)})
+    assert done.returncode == 2
+    assert f"--out {blocker} cannot be written (it is a file)" in one_line_error(done.stderr)
+    assert blocker.read_text() == "keep me"
