@@ -143,6 +143,9 @@ def interrupt_after(args: list[str], env: dict, marker: str, timeout: float = 30
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
         start_new_session=True,  # a process group of its own, as a terminal gives
+        # A terminal's default Ctrl-C: a shell that runs the tests in the background ignores SIGINT, and a
+        # child that starts with it ignored never sees it (Python then installs no KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     out = []
     try:
