@@ -78,12 +78,16 @@ def mlflow_runs(db: Path) -> list[dict]:
     Reading with sqlite never creates or migrates the schema, so a poller cannot race the process
     that is creating the store; a store still being created reads as empty.
     """
+    if not Path(db).is_file():
+        return []
     try:
-        with sqlite3.connect(db) as conn:
+        with sqlite3.connect(db, timeout=60) as conn:  # a busy machine can hold a writer's lock for seconds
             rows = conn.execute("select run_uuid, status from runs where lifecycle_stage = 'active'").fetchall()
             tags = conn.execute("select run_uuid, key, value from tags").fetchall()
-    except sqlite3.OperationalError:
-        return []
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the schema is still being created
+            return []
+        raise
     runs = {run_id: {"run_id": run_id, "status": status, "tags": {}} for run_id, status in rows}
     for run_id, key, value in tags:
         if run_id in runs:
