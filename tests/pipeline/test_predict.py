@@ -123,6 +123,7 @@ def test_a_model_that_is_not_there_says_what_model_can_be(trained, tiny_shapes, 
     assert expected in one_line_error(done.stderr)
 
 
+@pytest.mark.slow  # starts a Ray of its own (about 40 s)
 def test_predict_on_ray_writes_what_predict_in_process_writes(trained, tiny_shapes, tmp_path):
     images = [str(p) for p in sorted((tiny_shapes / "JPEGImages").glob("*.jpg"))[:16]]
     env = {"S4MIM_RUNS": str(trained), "RAY_AUTH_MODE": "disabled"}
