@@ -44,8 +44,9 @@ class ASPP(nn.Module):
         self.branches = nn.ModuleList([_conv_bn_relu(cin, cout)] + [_conv_bn_relu(cin, cout, 3, d) for d in dilations])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(cin, cout))
         # No dropout after the projection (UniMatch has none): in train mode it would randomise the weak
-        # view's pseudo labels, which come from the same forward pass.
-        self.project = _conv_bn_relu(cout * (len(dilations) + 2), cout)
+        # view's pseudo labels, which come from the same forward pass. (A Sequential of one keeps the
+        # parameter names of checkpoints made when a dropout followed.)
+        self.project = nn.Sequential(_conv_bn_relu(cout * (len(dilations) + 2), cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -161,7 +161,10 @@ class Predictor:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device here; use --device cpu")
         model = build_model(config, len(self.classes), reconstruction=False)
-        load_weights(model, state["engine"]["model"])
+        try:
+            load_weights(model, state["engine"]["model"])
+        except RuntimeError as exc:
+            raise UsageError(f"{exc}; the checkpoint comes from a model this s4mim cannot build") from None
         self.engine = Engine(
             model, config, len(self.classes), torch.device(device), variant="supervised", total_steps=1
         )
