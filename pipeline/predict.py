@@ -88,14 +88,15 @@ def _from_preset(spec: str, runs: Path) -> Path:
 def _from_mlflow(uri: str, tracking_uri: str | None) -> Path:
     import mlflow
 
-    from pipeline.tracking import check_tracking_uri
+    from pipeline.tracking import check_tracking_uri, using_tracking_uri
     from pipeline.tracking import tracking_uri as resolve
 
     store = resolve(None, tracking_uri)
     check_tracking_uri(store)
-    mlflow.set_tracking_uri(store)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="s4mim-")))
+        with using_tracking_uri(store):
+            download = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="s4mim-"))
+        local = Path(download)
     except Exception as exc:  # MlflowException: unknown name, version or alias
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"cannot load {uri} from {store}: {message}; s4mim runs compare lists models") from None

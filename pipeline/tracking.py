@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import Config
@@ -207,6 +208,20 @@ class Tracker:
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
 
 
+@contextmanager
+def using_tracking_uri(uri: str):
+    """MLflow's fluent API on ``uri`` for the block, then back as it was. ``mlflow.set_tracking_uri`` also
+    sets $MLFLOW_TRACKING_URI, which every child process would inherit."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets the variable
+
+
 def source_tags() -> dict[str, str]:
     """The tags MLflow shows in its Source column: the s4mim command and, in a git checkout, the commit."""
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "s4mim"}
@@ -364,8 +379,7 @@ def log_trained_model(uri: str, run_id: str, checkpoint: str, config: Config, re
     scores = TensorSpec(np.dtype(np.float32), (-1, len(state["classes"]), -1, -1))
     signature = ModelSignature(inputs=Schema([images]), outputs=Schema([scores]))
     name = f"s4mim-{config.data.dataset}" if register else None
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with using_tracking_uri(uri), tempfile.TemporaryDirectory() as tmp:
         kept = {"engine": {"model": state["engine"]["model"]}, "config": state["config"], "classes": state["classes"]}
         torch.save(kept, Path(tmp) / "state.pt")
         with mlflow.start_run(run_id=run_id):

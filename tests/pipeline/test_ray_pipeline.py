@@ -122,10 +122,11 @@ def _check_pyfunc_scores(runs, uri: str) -> None:
     from pipeline.config import Config
     from pipeline.engine import build_model, load_weights
     from pipeline.stages import load_state
+    from pipeline.tracking import using_tracking_uri
 
-    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
     batch = np.random.default_rng(0).standard_normal((2, 3, 40, 44)).astype(np.float32)
-    served = np.asarray(mlflow.pyfunc.load_model(uri).predict(batch))
+    with using_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}"):  # and not for the tests after this one
+        served = np.asarray(mlflow.pyfunc.load_model(uri).predict(batch))
     result = json.loads(next((runs / "stages" / "shapes-1_8").glob("train-*/result.json")).read_text())
     state = load_state(result["checkpoint"])
     model = build_model(Config.model_validate(state["config"]), len(state["classes"]), reconstruction=False)
