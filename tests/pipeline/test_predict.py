@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,25 @@ def test_an_out_folder_that_cannot_be_written(trained, tiny_shapes, tmp_path):
     assert done.returncode == 2
     assert f"--out {blocker} cannot be written (it is a file)" in one_line_error(done.stderr)
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("register", [True, False])
+def test_the_logged_model_is_registered_unless_told_not_to(trained, tmp_path, register):
+    from mlflow import MlflowClient
+
+    from pipeline.config import Config
+    from pipeline.stages import load_state
+    from pipeline.tracking import Tracker, log_trained_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    tracker = Tracker(uri)
+    run_id = tracker.create(tracker.experiment("s4mim"), "train-x", "shapes-1/8 train", {"stage": "train"})
+    checkpoint = json.loads((_stage(trained, "train") / "result.json").read_text())["checkpoint"]
+    config = Config.model_validate(load_state(Path(checkpoint))["config"])
+    info = log_trained_model(uri, run_id, checkpoint, config, register)
+    client = MlflowClient(uri)
+    assert [m.model_id for m in client.search_logged_models([tracker.experiment("s4mim")])] == [info.model_id]
+    versions = client.search_model_versions("name='s4mim-shapes'")
+    assert len(versions) == (1 if register else 0)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # nothing leaks into later child processes
