@@ -60,3 +60,10 @@ def atomic_path(target: Path, *, directory: bool = False) -> Iterator[Path]:
 def write_text(target: Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def write_text_if_changed(target: Path, text: str) -> None:
+    """``write_text``, unless ``target`` already holds ``text``: a rerun that changes nothing writes nothing."""
+    target = Path(target)
+    if not (target.is_file() and target.read_text() == text):
+        write_text(target, text)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from data_prep.atomic import write_text
+from data_prep.atomic import write_text_if_changed
 from data_prep.errors import DataError
 from data_prep.manifest import Manifest
 
@@ -113,9 +113,7 @@ def make_split(
 def write_split(split: Split, folder: Path) -> None:
     """Write the three id files; a file that already holds the same ids is left untouched."""
     for name in ("labeled", "unlabeled", "val"):
-        path, text = Path(folder) / f"{name}.txt", "\n".join(getattr(split, name)) + "\n"
-        if not (path.is_file() and path.read_text() == text):
-            write_text(path, text)
+        write_text_if_changed(Path(folder) / f"{name}.txt", "\n".join(getattr(split, name)) + "\n")
 
 
 def read_split(folder: Path) -> Split:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from data_prep.atomic import write_text
+from data_prep.atomic import write_text_if_changed
 from pipeline.config import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
@@ -66,9 +66,7 @@ def open_stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) 
     """The stage's folder, made, with ``hash.json``: what its hash covers, for explaining later misses."""
     folder = stage_folder(runs, config, stage, inputs_hash)
     folder.mkdir(parents=True, exist_ok=True)
-    parts = json.dumps(config.stage_hash_parts(stage, inputs_hash), indent=2) + "\n"
-    if not (folder / HASH_FILE).is_file() or (folder / HASH_FILE).read_text() != parts:
-        write_text(folder / HASH_FILE, parts)
+    write_text_if_changed(folder / HASH_FILE, json.dumps(config.stage_hash_parts(stage, inputs_hash), indent=2) + "\n")
     return folder
 
 
@@ -127,7 +125,7 @@ def plan(config: Config, runs: Path, force: list[str]) -> list[StageStatus]:
             folder = stage_folder(runs, config, stage, inputs)
             if stage in forced:
                 detail = "forced"
-            elif (folder / "last.pt").is_file() or folder.is_dir():
+            elif folder.is_dir():  # an interrupted run of it (with --local, last.pt is in there)
                 detail = "resumes"
             else:
                 detail = why_not_cached(runs, config, stage, inputs)
