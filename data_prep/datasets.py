@@ -50,11 +50,16 @@ class LabeledDataset(_Samples):
 
 
 class UnlabeledDataset(_Samples):
-    """A weak view, two strong views of it, the padding mask and a CutMix box per strong view."""
+    """A weak view, two strong views of it, the padding mask and a CutMix box per strong view.
+
+    With ``truth``, also the image's own mask cropped as the weak view (``truth``, 255 in padding), for
+    measuring pseudo labels; the views and boxes are the same with or without it.
+    """
 
     def __init__(self, rows, crop: int, scale_range=(0.5, 2.0), cutmix_p: float = 0.5, strong: dict | None = None,
-                 pad: str = "black_bottom_right"):  # fmt: skip
-        super().__init__(rows)
+                 pad: str = "black_bottom_right", truth: bool = False, label_lut=None):  # fmt: skip
+        super().__init__(rows, label_lut)
+        self.truth = truth
         self.crop = crop
         self.weak = WeakView(crop, scale_range, pad)
         self.strong = StrongView(**(strong or {}))
@@ -65,10 +70,13 @@ class UnlabeledDataset(_Samples):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             image = self.image(index)
-            weak, padding = self.weak(image, torch.zeros(1, *image.shape[-2:], dtype=torch.uint8))
+            masks = [torch.zeros(1, *image.shape[-2:], dtype=torch.uint8)] + (
+                [self.mask(index)[None]] if self.truth else []
+            )
+            weak, padding, *truth = self.weak(image, *masks)
             strong1, strong2 = self.strong(weak), self.strong(weak)
             box1, box2 = cutmix_box(self.crop, self.cutmix_p), cutmix_box(self.crop, self.cutmix_p)
-        return {
+        sample = {
             "weak": normalize(weak),
             "strong1": normalize(strong1),
             "strong2": normalize(strong2),
@@ -76,6 +84,9 @@ class UnlabeledDataset(_Samples):
             "box1": box1,
             "box2": box2,
         }
+        if truth:
+            sample["truth"] = truth[0][0].long()
+        return sample
 
 
 class EvalDataset(_Samples):

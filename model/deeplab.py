@@ -3,8 +3,12 @@
 The forward pass returns the logits and, on request:
 - ``logits_fp``: the decode of Dropout2d-perturbed encoder features (UniMatch's feature perturbation);
 - ``features``: the decoder feature map at stride 4, before the classifier;
-- ``encoder_features``: the stride-16 encoder output;
-- ``reconstruction``: the normalised RGB image predicted by the light reconstruction head.
+- ``encoder_features``: the stride-16 encoder output (always: it costs nothing extra);
+- ``reconstruction``: the normalised RGB image predicted by the light reconstruction head, which reads
+  the decoder features (stride 4) or the encoder features (stride 16), as built.
+
+A pass that needs neither logits nor decoder features stops after the encoder: the masked forward of
+MIM with an encoder reconstruction head and encoder feature aggregation runs no ASPP and no decoder.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class ASPP(nn.Module):
 
 
 class ReconstructionHead(nn.Module):
-    """A 1x1 conv on the stride-4 decoder features, then a x4 pixel shuffle to full resolution."""
+    """A 1x1 conv on a feature map at stride ``scale``, then a x``scale`` pixel shuffle to full resolution."""
 
     def __init__(self, cin: int, scale: int = 4):
         super().__init__()
@@ -63,7 +67,7 @@ class ReconstructionHead(nn.Module):
         self.shuffle = nn.PixelShuffle(scale)
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        out = self.shuffle(self.proj(features))  # (B, 3, 4h, 4w)
+        out = self.shuffle(self.proj(features))  # (B, 3, scale*h, scale*w)
         if out.shape[-2:] != size:
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return out
@@ -81,6 +85,7 @@ class DeepLabV3Plus(nn.Module):
         dilations: tuple[int, ...] = (6, 12, 18),
         fp_dropout: float = 0.5,
         reconstruction: bool = False,
+        reconstruct_from: str = "decoder",
     ):
         super().__init__()
         self.backbone = build_backbone(backbone, init)
@@ -92,7 +97,13 @@ class DeepLabV3Plus(nn.Module):
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, kernel_size=1)
         self.fp_dropout = nn.Dropout2d(fp_dropout)
-        self.reconstruction_head = ReconstructionHead(decoder_channels) if reconstruction else None
+        if reconstruct_from not in ("decoder", "encoder"):
+            raise ValueError(f"reconstruct_from {reconstruct_from!r}: choose decoder or encoder")
+        self.reconstruct_from = reconstruct_from
+        self.reconstruction_head = None
+        if reconstruction:
+            cin, stride = (decoder_channels, 4) if reconstruct_from == "decoder" else (self.backbone.high_channels, 16)
+            self.reconstruction_head = ReconstructionHead(cin, stride)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Everything but the backbone: these parameters learn at lr x head_lr_mult."""
@@ -119,26 +130,28 @@ class DeepLabV3Plus(nn.Module):
         As in UniMatch, the clean and the perturbed features of the whole batch are decoded in one call
         (2B rows), so both share the decoder's BatchNorm batch statistics and its running statistics
         are updated once per step.
-        ``need_logits=False`` skips the classifier and its upsampling (the masked forward of MIM).
+        ``need_features`` returns the decoder features; ``need_logits=False`` skips the classifier and its
+        upsampling (the masked forward of MIM), and the decoder too when nothing else reads it.
         """
         size = x.shape[-2:]
         low, high = self.backbone(x)  # (B, C_low, H/4, W/4), (B, C_high, H/16, W/16)
-        logits_fp = None
+        out = SegOutput(logits=None, encoder_features=high)
+        recon_from_decoder = need_reconstruction and self.reconstruct_from == "decoder"
+        features = None
         if perturb_from is not None:
             both = self._decode(torch.cat([low, self.fp_dropout(low)]), torch.cat([high, self.fp_dropout(high)]))
             features, features_fp = both.chunk(2)  # (B, D, H/4, W/4) each
-            logits_fp = self._upsample(self.classifier(features_fp[perturb_from:]), size)
-        else:
+            out.logits_fp = self._upsample(self.classifier(features_fp[perturb_from:]), size)
+        elif need_logits or need_features or recon_from_decoder:
             features = self._decode(low, high)
-        out = SegOutput(logits=self._upsample(self.classifier(features), size) if need_logits else None)
-        out.logits_fp = logits_fp
+        if need_logits:
+            out.logits = self._upsample(self.classifier(features), size)
         if need_features:
             out.features = features
-            out.encoder_features = high
         if need_reconstruction:
             if self.reconstruction_head is None:
                 raise RuntimeError("model was built without a reconstruction head")
-            out.reconstruction = self.reconstruction_head(features, size)
+            out.reconstruction = self.reconstruction_head(features if recon_from_decoder else high, size)
         return out
 
     @staticmethod

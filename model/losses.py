@@ -125,18 +125,22 @@ def feature_aggregation_loss(
     return (per_pair * use).sum() / use.sum().clamp_min(1)
 
 
-def total_loss(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-    """L = L_base + λ_cmim L_cmim + λ_fa L_fa + λ_smim L_smim (SPEC §3.5).
+def loss_coefficients(terms: Mapping[str, object], weights: Mapping[str, float]) -> dict[str, float]:
+    """Each computed term's coefficient in the total loss L (SPEC §3.5).
 
     ``terms`` holds the computed losses by name (``x``, ``s1``, ``s2``, ``fp``, ``cmim``, ``fa``,
     ``smim``); a missing term is switched off. With only ``x`` the total is L_x (supervised);
-    otherwise L_base = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2.
+    otherwise L_base = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, and the S4MIM terms add with
+    their weights λ.
     """
-    unlabeled = [name for name in ("s1", "s2", "fp") if name in terms]
-    if unlabeled:
-        base_weights = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
-        base = sum(base_weights[name] * terms[name] for name in ("x", *unlabeled)) / 2
-    else:
-        base = terms["x"]
-    extra = [weights[name] * terms[name] for name in ("cmim", "fa", "smim") if name in terms]
-    return base + sum(extra) if extra else base
+    if not any(name in terms for name in ("s1", "s2", "fp")):
+        return {"x": 1.0}
+    base = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
+    out = {name: w / 2 for name, w in base.items() if name in terms}
+    return out | {name: weights[name] for name in ("cmim", "fa", "smim") if name in terms}
+
+
+def total_loss(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """L = L_base + λ_cmim L_cmim + λ_fa L_fa + λ_smim L_smim: the terms with their coefficients."""
+    coefficients = loss_coefficients(terms, weights)
+    return sum(coefficients[name] * terms[name] for name in coefficients)

@@ -130,6 +130,12 @@ class MIMConfig(Section):
     ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of patches masked.")
     patch: int = Field(32, ge=1, description="Side of a masked patch in pixels (32 at crop 321).")
     loss: Literal["l1", "l2"] = Field("l1", description="Reconstruction error.")
+    head: Literal["decoder", "encoder"] = Field(
+        "decoder",
+        description="Features the reconstruction head reads: decoder (stride 4, the segmentation features) or "
+        "encoder (stride 16, SimMIM's choice; with fa.feature=encoder the masked forward then skips ASPP and "
+        "decoder).",
+    )
     max_classes: int = Field(2, ge=1, description="Classes reconstructed per image: the cost bound.")
     min_pixels: int = Field(64, ge=1, description="Pixels a class needs in an image to be reconstructed.")
     conf: float | None = Field(
@@ -220,6 +226,18 @@ class TrackingConfig(Section):
     )
     system_metrics: bool = Field(
         True, description="Log CPU, memory, disk and (where there is one) GPU use to each training stage's run."
+    )
+    grad_norms: bool = Field(
+        True,
+        description="At each logged step of a semi-supervised stage, log every loss term's gradient norm on the "
+        "encoder (train/grad_norm/<term>): which term drives training. Costs one extra backward pass per term on "
+        "those steps (one step in 10); the training itself is unchanged.",
+    )
+    pseudo_acc: bool = Field(
+        True,
+        description="Where every unlabeled train image has a mask (shapes, VOC's blended set), log how often the "
+        "pseudo labels match it (train/pseudo_acc, train/pseudo_acc_confident). The masks are read for this "
+        "measure alone and never trained on.",
     )
 
 

@@ -25,6 +25,7 @@ from model.deeplab import DeepLabV3Plus
 from model.losses import (
     confident_fraction,
     feature_aggregation_loss,
+    loss_coefficients,
     mix_in_box,
     ohem_loss,
     pseudo_label_loss,
@@ -61,6 +62,7 @@ def build_model(config: Config, num_classes: int, *, reconstruction: bool | None
         dilations=m.dilations,
         fp_dropout=m.fp_dropout,
         reconstruction=reconstruction,
+        reconstruct_from=config.mim.head,
     )
 
 
@@ -206,8 +208,15 @@ class Engine:
             group["lr"] = poly_lr(group["base_lr"], done, self.total_steps, power)
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, labeled: dict, unlabeled: dict | None = None, partner: dict | None = None) -> dict:
-        """One optimisation step. Returns detached scalar tensors named as in SPEC §5 (no ``train/``)."""
+    def train_step(
+        self, labeled: dict, unlabeled: dict | None = None, partner: dict | None = None, *, diagnose: bool = False
+    ) -> dict:
+        """One optimisation step. Returns detached scalar tensors named as in SPEC §5 (no ``train/``).
+
+        ``diagnose`` adds ``grad_norm/<term>``: each loss term's share of the gradient (its coefficient in
+        the total included) on the encoder, the parameters every term trains, and ``grad_norm/total``. It
+        costs one extra backward pass per term and leaves the step itself unchanged.
+        """
         self.net.train()
         lr = self._set_lr()
         labeled = move(labeled, self.device, self.config.optim.channels_last)
@@ -218,12 +227,18 @@ class Engine:
                 unlabeled = move(unlabeled, self.device, self.config.optim.channels_last)
                 partner = move(partner, self.device, self.config.optim.channels_last) if partner else None
                 terms, extra = self._semi_terms(labeled, unlabeled, partner)
-            loss = total_loss(
-                terms, {"cmim": self.config.mim.weight, "fa": self.config.fa.weight, "smim": self.config.smim.weight}
-            )
+            weights = {"cmim": self.config.mim.weight, "fa": self.config.fa.weight, "smim": self.config.smim.weight}
+            loss = total_loss(terms, weights)
+        if diagnose:
+            extra = extra | self._grad_norms(terms, loss_coefficients(terms, weights))
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("s4mim.backward"):
             self.scaler.scale(loss).backward()
+        if diagnose:
+            grads = [p.grad for p in self.model.backbone.parameters() if p.grad is not None]
+            extra["grad_norm/total"] = (
+                _norm(grads) / self.scaler.get_scale() if self.scaler.is_enabled() else _norm(grads)
+            )
         with record_function("s4mim.optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -237,6 +252,16 @@ class Engine:
             if name in terms:
                 metrics[f"loss_{name}"] = terms[name].detach()
         return metrics | extra
+
+    def _grad_norms(self, terms: dict, coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
+        """The norm of each weighted term's gradient on the encoder parameters (diagnostics)."""
+        shared = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        out = {}
+        with record_function("s4mim.grad_norms"):
+            for name, coefficient in coefficients.items():
+                grads = torch.autograd.grad(coefficient * terms[name], shared, retain_graph=True, allow_unused=True)
+                out[f"grad_norm/{name}"] = _norm([g for g in grads if g is not None])
+        return out
 
     def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L_x: cross-entropy, or OHEM where the config asks for it."""
@@ -309,7 +334,10 @@ class Engine:
             terms["smim"] = terms["s2"] if cfg.smim.view == "s2" else pseudo_label_loss(logits_s[2], *target1, tau)
         if self.uses("cmim") or self.uses("fa"):
             terms |= self._mim_terms(labeled, u_w, label_w, conf_w, pad_u)
-        return terms, {"mask_ratio": confident_fraction(conf_w, pad_u, tau)}
+        extra = {"mask_ratio": confident_fraction(conf_w, pad_u, tau)}
+        if "truth" in unlabeled:  # diagnostics only: the true masks never reach a loss
+            extra |= pseudo_label_accuracy(label_w, conf_w, unlabeled["truth"], pad_u, tau)
+        return terms, extra
 
     def _mim_terms(self, labeled, u_w, label_w, conf_w, pad_u) -> dict:
         cfg = self.config.mim
@@ -334,9 +362,8 @@ class Engine:
                 batch, fa_batch = plain_masked_inputs(images, masked, padding, class_map, class_ids, valid)
             inputs = batch.inputs.contiguous(memory_format=self.memory_format)
         with frozen_bn_stats(self.model, cfg.freeze_bn_stats), record_function("s4mim.masked_forward"):
-            out = self.net(
-                inputs, need_features=self.uses("fa"), need_reconstruction=self.uses("cmim"), need_logits=False
-            )
+            decoder_fa = self.uses("fa") and self.config.fa.feature == "decoder"
+            out = self.net(inputs, need_features=decoder_fa, need_reconstruction=self.uses("cmim"), need_logits=False)
         terms = {}
         if self.uses("cmim"):
             terms["cmim"] = reconstruction_loss(out.reconstruction, images[batch.image_index], batch, cfg.loss)
@@ -352,11 +379,13 @@ class Engine:
         *,
         on_log: Callable[[dict, int], None] | None = None,
         log_every: int = 10,
+        grad_norms: bool = False,
     ) -> dict[str, float]:
         """Run ``steps`` steps over ``batches``; returns the epoch's mean metrics and ``img_per_s``.
 
         ``on_log(metrics, step)`` gets running means every ``log_every`` steps (numbers, prefixed
-        ``train/``); this is the only place the loop waits for the device.
+        ``train/``); this is the only place the loop waits for the device. With ``grad_norms`` the
+        logged step also measures each term's gradient norm (``train/grad_norm/<term>``, that step's).
         """
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
@@ -365,7 +394,9 @@ class Engine:
         for i, (labeled, unlabeled, partner) in enumerate(batches):
             if i >= steps:
                 break
-            metrics = self.train_step(labeled, unlabeled, partner)
+            logs_now = on_log is not None and (window_count + 1 == log_every or i == steps - 1)
+            metrics = self.train_step(labeled, unlabeled, partner, diagnose=grad_norms and logs_now)
+            snapshot = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("grad_norm/")]}
             n_images = labeled["image"].shape[0] + (unlabeled["weak"].shape[0] if unlabeled else 0)
             images += n_images
             for k, v in metrics.items():
@@ -373,9 +404,10 @@ class Engine:
                 window[k] = window.get(k, 0) + v
             count += 1
             window_count += 1
-            if on_log is not None and (window_count == log_every or i == steps - 1):
+            if logs_now:
                 elapsed = time.perf_counter() - window_start
                 logged = {f"train/{k}": float(v) / window_count for k, v in window.items()}
+                logged |= {f"train/{k}": float(v) for k, v in snapshot.items()}
                 logged["train/img_per_s"] = window_count * n_images * self._world() / max(elapsed, 1e-9)
                 on_log(logged, self.step)
                 window, window_count, window_start = {}, 0, time.perf_counter()
@@ -414,6 +446,27 @@ class Engine:
         if is_distributed():
             dist.all_reduce(confusion)
         return confusion
+
+
+def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of a list of tensors taken as one vector."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach().float()) for t in tensors]))
+
+
+def pseudo_label_accuracy(
+    pseudo: torch.Tensor, confidence: torch.Tensor, truth: torch.Tensor, padding: torch.Tensor, threshold: float
+) -> dict[str, torch.Tensor]:
+    """How often the weak view's pseudo labels (B, H, W) match the true masks, on the pixels the masks label:
+    ``pseudo_acc`` over all of them, ``pseudo_acc_confident`` over those that pass the threshold."""
+    known = (truth != IGNORE) & ~padding
+    hit = (pseudo == truth) & known
+    confident = known & (confidence >= threshold)
+    return {
+        "pseudo_acc": hit.sum() / known.sum().clamp_min(1),
+        "pseudo_acc_confident": (hit & confident).sum() / confident.sum().clamp_min(1),
+    }
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ s4mim pipeline run shapes-1/8                         # prepare runs as the firs
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,19 @@ def dataset_root(config: Config) -> Path:
 
 
 def ensure_shapes(root: Path, seed: int) -> None:
-    """Generate the embedded dataset at ``root`` when no shapes dataset is there yet."""
-    if (root / "shapes.json").is_file():
+    """Generate the embedded dataset at ``root`` when no shapes dataset is there yet; one generated with
+    another seed is refused (held-out data must never stand in for development data, or back)."""
+    meta = root / "shapes.json"
+    if meta.is_file():
+        try:
+            found = json.loads(meta.read_text()).get("seed")
+        except (json.JSONDecodeError, AttributeError):
+            raise DataError(f"{meta} is not valid JSON; delete {root} to generate the dataset again") from None
+        if found != seed:
+            raise DataError(
+                f"{root} holds shapes generated with seed {found}, not {seed}; "
+                f"set data.synth_seed={found}, or pass a --data-root without a dataset to generate seed {seed}"
+            )
         return
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} exists and is not a shapes dataset; pass another --data-root or empty it")

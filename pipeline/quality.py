@@ -2,6 +2,11 @@
 
     make quality                         # 6 variants x 3 seeds; hours on a 2-core CPU; resumable
     s4mim quality --seeds 0 --epochs 2   # a shorter look
+    s4mim quality --synth-seed 1         # on held-out data: shapes generated with seed 1
+
+Generator seed 0 is the development data on which every setting is chosen; seeds 1 and 2 generate
+held-out datasets of the same design, for confirming those choices. Each writes its own table:
+``results.md`` for seed 0, ``results-synth<N>.md`` for the others.
 
 Every variant trains the same number of steps from the same warmup teacher of its seed (one fixed
 budget); only the loss terms differ. Each (variant, seed) is a normal pipeline run, so finished
@@ -29,11 +34,20 @@ VARIANTS = {
     "unimatch + CMIM + FA": {"variant": "s4mim", "mim.mode": "classwise", "smim.weight": 0},
     "s4mim (CMIM + FA + SMIM)": {"variant": "s4mim"},
 }
-PRESET = "shapes-1/8"
 EXPERIMENT = "s4mim-quality"
 # Keys each (variant, seed) run sets itself; --set may not change them.
 CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "tracking.experiment", "mim.mode",
-              "fa.weight", "smim.weight"}  # fmt: skip
+              "fa.weight", "smim.weight", "data.synth_seed"}  # fmt: skip
+
+
+def preset_for(split: str) -> str:
+    from pipeline.presets import FRACTIONS
+
+    if split not in FRACTIONS:
+        from pipeline.errors import UsageError
+
+        raise UsageError(f"--split {split}: choose one of {', '.join(FRACTIONS)}")
+    return f"shapes-{split}"
 
 
 @dataclass
@@ -83,8 +97,11 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
 
 def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
                      sha: str, warmup_miou: dict[int, float]) -> str:  # fmt: skip
+    data = f"`{base.data.dataset}`" + (
+        f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
+    )
     lines = [
-        f"# Results: the S4MIM ablation on `{base.data.dataset}` at {base.data.split} labels",
+        f"# Results: the S4MIM ablation on {data} at {base.data.split} labels",
         "",
         f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()}.",
         "",
@@ -109,7 +126,7 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         lines.append(
             f"| *(warmup teacher, the starting point)* | {statistics.mean(values):.2f} ± {spread:.2f} | {per_seed} |"
         )
-    lines += ["", "![val mIoU per variant](results.png)", ""]
+    lines += ["", f"![val mIoU per variant]({results_path(base, Path('.')).with_suffix('.png').name})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -145,11 +162,22 @@ def bar_chart(cells: list[Cell], title: str, out: Path) -> None:
     plt.close(fig)
 
 
+def results_path(base, docs: Path) -> Path:
+    """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
+    a split other than 1/8 adds its fraction (results-1_16.md)."""
+    name = "results"
+    if base.data.split != "1/8":
+        name += "-" + base.data.split.replace("/", "_")
+    if base.data.synth_seed:
+        name += f"-synth{base.data.synth_seed}"
+    return docs / f"{name}.md"
+
+
 def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path) -> Path:
     from pipeline.tracking import git_sha
 
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
-    bar_chart(cells, base.preset, docs / "results.png")
-    path = docs / "results.md"
+    path = results_path(base, docs)
+    bar_chart(cells, base.preset, path.with_suffix(".png"))
     write_text(path, results_markdown(base, cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou))
     return path

@@ -138,10 +138,15 @@ def build_data(
         u = config.unimatch
         strong = {"jitter": u.strong_jitter, "jitter_p": u.strong_jitter_p, "grayscale_p": u.strong_grayscale_p,
                   "blur_sigma": u.strong_blur_sigma, "blur_p": u.strong_blur_p}  # fmt: skip
-        make = lambda: UnlabeledDataset(u_rows, d.crop, d.scale_range, u.cutmix_p, strong, d.pad)  # noqa: E731
-        unlabeled = loader(make(), 1)
+
+        def make(truth: bool) -> UnlabeledDataset:
+            return UnlabeledDataset(u_rows, d.crop, d.scale_range, u.cutmix_p, strong, d.pad, truth, manifest.label_lut)
+
+        # Masks of unlabeled images only measure the pseudo labels (train/pseudo_acc); no loss reads them.
+        truth = config.tracking.pseudo_acc and all(r["mask"] is not None for r in u_rows)
+        unlabeled = loader(make(truth), 1)
         if config.unimatch.cutmix_source == "batch":
-            partner = loader(make(), 2)
+            partner = loader(make(False), 2)
     val = val_loader(config, manifest, split, rank, world)
     return TrainData(steps, labeled, unlabeled, partner, val)
 
@@ -200,7 +205,8 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
     for epoch in range(start_epoch, schedule.epochs):
         epoch_started = time.perf_counter()
         data.set_epoch(epoch)
-        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log)
+        grad_norms = config.tracking.grad_norms and len(engine.terms) > 1
+        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log, grad_norms=grad_norms)
         metrics["epoch"] = epoch + 1
         is_best = False
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:

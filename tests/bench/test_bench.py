@@ -16,9 +16,18 @@ def test_bench_smoke_prints_json_last_and_writes_results(capsys, runs, tiny_shap
     assert code == 0, err
     report = json.loads(stdout.strip().splitlines()[-1])
     rows = report["rows"]
-    assert {"supervised", "unimatch", "s4mim", "s4mim_cmim_only", "s4mim_fa_only", "s4mim_smim_only"} <= set(rows)
+    assert {
+        "supervised",
+        "unimatch",
+        "s4mim",
+        "s4mim_cmim_only",
+        "s4mim_fa_only",
+        "s4mim_smim_only",
+        "s4mim_encoder",
+    } <= set(rows)
     assert all(row["median_s"] > 0 and row["img_per_s"] > 0 for row in rows.values())
     assert report["s4mim_over_unimatch"] > 0 and report["unimatch_over_supervised"] > 0
+    assert report["s4mim_encoder_over_unimatch"] > 0
     from pipeline.bench import PHASES
 
     phases = report["s4mim_phases_ms"]

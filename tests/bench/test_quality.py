@@ -25,12 +25,12 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
     code, out, err = run_main(capsys, *args)
     assert code == 0, err
-    text = (docs / "results.md").read_text()
+    text = (docs / "results-1_4.md").read_text()  # the tiny settings label 1/4 of the images
     for name in VARIANTS:
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
     assert "1 epochs of 2 steps" in text and "warmup teacher" in text
-    image = decode_png(read_file(str(docs / "results.png")))
+    image = decode_png(read_file(str(docs / "results-1_4.png")))
     assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
     # every variant ran as its own pipeline: six train stages, one shared warmup
     stages = runs / "stages" / "shapes-1_8"
@@ -40,3 +40,26 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
     code, _, err = run_main(capsys, "quality", "--local", "--set", "train.epochs=3")
     assert code == 2 and "--set train.epochs" in err and "--epochs" in err
+
+
+def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, tiny_shapes, tmp_path):
+    from pipeline.quality import results_path
+
+    def config(*extra):
+        from pipeline.presets import load_preset
+
+        return load_preset("shapes-1/8", list(extra))
+
+    docs = tmp_path / "docs"
+    assert results_path(config(), docs) == docs / "results.md"
+    assert results_path(config("data.synth_seed=2"), docs) == docs / "results-synth2.md"
+    assert results_path(config("data.split=1/16", "data.synth_seed=1"), docs) == docs / "results-1_16-synth1.md"
+    # The tiny dataset was generated with seed 0: asking for held-out seed 1 on it is refused before any run.
+    sets = ["--set", f'data.root="{tiny_shapes}"']
+    code, _, err = run_main(capsys, "quality", "--local", "--synth-seed", "1", "--docs", str(docs), *sets)
+    assert code == 2 and "generated with seed 0, not 1" in err and "data.synth_seed=0" in err
+    assert not docs.exists()
+    code, _, err = run_main(capsys, "quality", "--local", "--split", "1/3")
+    assert code == 2 and "--split 1/3" in err
+    code, _, err = run_main(capsys, "quality", "--local", "--set", "data.synth_seed=1")
+    assert code == 2 and "--synth-seed" in err

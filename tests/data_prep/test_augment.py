@@ -73,6 +73,24 @@ def test_datasets_are_seeded_per_key(tiny_shapes):
     assert u["weak"].shape == u["strong1"].shape == (3, 32, 32) and u["padding"].dtype == torch.bool
 
 
+def test_unlabeled_truth_is_the_weak_views_mask_and_changes_no_view(tiny_shapes):
+    from data_prep.manifest import prepare
+
+    manifest, _, _ = prepare("shapes", tiny_shapes, tiny_shapes.parent / "manifests")
+    rows = [r for r in manifest.rows("train")]
+    plain = UnlabeledDataset(rows, crop=48, scale_range=(0.5, 0.8))  # small rescales: padding in most views
+    measured = UnlabeledDataset(rows, crop=48, scale_range=(0.5, 0.8), truth=True)
+    labeled = LabeledDataset(rows, crop=48, scale_range=(0.5, 0.8))
+    for key in [(0, 3), (1, 7), (2, 11)]:
+        a, b = plain[key], measured[key]
+        assert set(b) - set(a) == {"truth"}
+        for name in a:  # the views, padding and boxes do not depend on reading the mask
+            assert torch.equal(a[name], b[name]), name
+        # The same key gives the labeled dataset's weak view: its label is the truth of the unlabeled view.
+        assert torch.equal(labeled[key]["label"], b["truth"])
+        assert (b["truth"][b["padding"]] == 255).all()
+
+
 def test_sharded_sampler_splits_ranks_and_resumes_mid_epoch():
     full = ShardedSampler(10, 6, rank=0, world=1, seed=1)
     full.set_epoch(2)

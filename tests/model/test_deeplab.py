@@ -82,3 +82,27 @@ def test_clean_and_perturbed_features_are_decoded_in_one_call(monkeypatch):
     running = model.fuse[0][1].num_batches_tracked.item()
     model(x, perturb_from=1)
     assert model.fuse[0][1].num_batches_tracked.item() == running + 1  # running statistics: once a step
+
+
+@pytest.mark.parametrize("source", ["decoder", "encoder"])
+def test_reconstruction_head_reads_the_features_it_was_built_for(source, monkeypatch):
+    model = _tiny(reconstruction=True, reconstruct_from=source).train()
+    calls = []
+    decode = model._decode
+    monkeypatch.setattr(model, "_decode", lambda low, high: calls.append(low.shape[0]) or decode(low, high))
+    x = torch.randn(2, 3, 48, 40)
+    out = model(x, need_reconstruction=True, need_logits=False)
+    assert out.reconstruction.shape == (2, 3, 48, 40) and out.logits is None
+    # The encoder head needs no decoder: the masked forward stops after the encoder.
+    assert calls == ([2] if source == "decoder" else [])
+    assert out.encoder_features.shape == (2, model.backbone.high_channels, 3, 3)
+    calls.clear()
+    out = model(x, need_features=True, need_reconstruction=True, need_logits=False)
+    assert calls == [2] and out.features.shape[-2:] == (12, 10)  # decoder features asked for: one decode
+    expected_in = model.backbone.high_channels if source == "encoder" else 16
+    assert model.reconstruction_head.proj.in_channels == expected_in
+
+
+def test_unknown_reconstruction_source_is_refused():
+    with pytest.raises(ValueError, match="decoder or encoder"):
+        _tiny(reconstruction=True, reconstruct_from="aspp")

@@ -175,3 +175,84 @@ def test_center_crop_pads_small_images():
     img, lab = center_crop(image, label, 20)
     assert img.shape == (1, 3, 20, 20) and lab.shape == (1, 20, 20)
     assert (lab == 255).sum() == 20 * 10 and img[0, 0, 0, 0] == 0
+
+
+def _params(engine):
+    return torch.cat([p.detach().flatten() for p in engine.model.parameters()])
+
+
+@pytest.mark.parametrize("variant", ["supervised", "unimatch", "s4mim"])
+def test_gradient_norms_are_measured_without_changing_the_step(tiny_config, variant):
+    config = tiny_config("unimatch.threshold=0.0")
+    batch = _batches(1, seed=5)[0]
+    plain, diagnosed = _engine(config, variant), _engine(config, variant)
+    torch.manual_seed(1)
+    a = plain.train_step(*batch)
+    torch.manual_seed(1)
+    b = diagnosed.train_step(*batch, diagnose=True)
+    torch.testing.assert_close(_params(plain), _params(diagnosed), rtol=0, atol=0)
+    norms = {k.removeprefix("grad_norm/"): v for k, v in b.items() if k.startswith("grad_norm/")}
+    expected = {"supervised": {"x"}, "unimatch": {"x", "s1", "s2", "fp"},
+                "s4mim": {"x", "s1", "s2", "fp", "cmim", "fa", "smim"}}[variant]  # fmt: skip
+    assert set(norms) == expected | {"total"} and not any(k.startswith("grad_norm/") for k in a)
+    assert all(torch.isfinite(v) and v >= 0 for v in norms.values())
+    assert norms["x"] > 0 and norms["total"] > 0
+    if variant == "supervised":  # one term: its gradient is the whole gradient
+        torch.testing.assert_close(norms["x"], norms["total"], rtol=1e-5, atol=1e-7)
+    else:  # the terms' gradients add up to the total (triangle inequality)
+        assert norms["total"] <= sum(v for k, v in norms.items() if k not in ("total", "smim")) * (1 + 1e-5)
+
+
+def test_pseudo_label_accuracy_counts_only_labelled_pixels():
+    from pipeline.engine import pseudo_label_accuracy
+
+    pseudo = torch.tensor([[[1, 2, 3, 4]]])
+    truth = torch.tensor([[[1, 2, 0, 255]]])
+    confidence = torch.tensor([[[0.99, 0.5, 0.99, 0.99]]])
+    padding = torch.tensor([[[False, False, False, False]]])
+    acc = pseudo_label_accuracy(pseudo, confidence, truth, padding, 0.9)
+    assert acc["pseudo_acc"].item() == pytest.approx(2 / 3)  # 255 is not counted
+    assert acc["pseudo_acc_confident"].item() == pytest.approx(1 / 2)  # pixels 0 and 2 pass 0.9
+    padding[0, 0, 0] = True
+    assert pseudo_label_accuracy(pseudo, confidence, truth, padding, 0.9)["pseudo_acc"].item() == pytest.approx(1 / 2)
+
+
+def test_true_masks_of_unlabeled_images_never_reach_a_loss(tiny_config):
+    config = tiny_config("unimatch.threshold=0.0")
+    labeled, unlabeled, partner = _batches(1, seed=2)[0]
+    truths = [torch.randint(0, 9, unlabeled["padding"].shape), torch.randint(0, 9, unlabeled["padding"].shape)]
+    engines, accuracies = [], []
+    for truth in truths:
+        engine = _engine(config, "s4mim")
+        torch.manual_seed(3)
+        metrics = engine.train_step(labeled, {**unlabeled, "truth": truth}, partner)
+        engines.append(engine)
+        accuracies.append(metrics["pseudo_acc"])
+    torch.testing.assert_close(_params(engines[0]), _params(engines[1]), rtol=0, atol=0)
+    assert 0 <= accuracies[0] <= 1 and accuracies[0] != accuracies[1]
+
+
+def test_encoder_head_masked_forward_skips_the_decoder_and_keeps_the_losses(tiny_config, monkeypatch):
+    """The masked forward that stops after the encoder gives the losses of a full forward (fp32, 1e-5)."""
+    config = tiny_config("unimatch.threshold=0.0", "mim.head=encoder", "fa.feature=encoder")
+    batch = _batches(1, seed=4)[0]
+    results = []
+    for full in (False, True):
+        engine = _engine(config, "s4mim")
+        decodes = []
+        forward, decode = engine.model.forward, engine.model._decode
+        monkeypatch.setattr(
+            engine.model, "_decode", lambda lo, hi, d=decode, c=decodes: c.append(lo.shape[0]) or d(lo, hi)
+        )
+        if full:  # also run the decoder on the masked inputs; nothing reads it
+            monkeypatch.setattr(
+                engine.model, "forward", lambda x, f=forward, **kw: f(x, **{**kw, "need_features": True})
+            )
+        torch.manual_seed(7)
+        metrics = engine.train_step(*batch)
+        results.append((metrics, _params(engine), len(decodes)))
+    (fast, fast_params, fast_decodes), (slow, slow_params, slow_decodes) = results
+    assert slow_decodes == fast_decodes + 1  # the masked forward: decoded only when forced
+    for name in ("loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "loss_smim"):
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_params, slow_params, rtol=1e-5, atol=1e-5)
