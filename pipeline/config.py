@@ -166,6 +166,17 @@ class SMIMConfig(Section):
         description="s2: mask the second strong view (no extra forward; it then carries L_s2 and L_smim); "
         "extra: an additional masked copy of the first strong view.",
     )
+    count: Literal["add", "replace"] = Field(
+        "add",
+        description="With view s2: add counts the masked view's loss in L_base as L_s2 and again as λ_smim L_smim; "
+        "replace counts it once, as λ_smim L_smim in place of L_s2 (λ_smim 0.125 keeps L_s2's share).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SMIMConfig:
+        if self.count == "replace" and self.view != "s2":
+            raise ValueError("smim.count=replace needs smim.view=s2: only the second strong view can be replaced")
+        return self
 
 
 class OptimConfig(Section):

@@ -247,7 +247,7 @@ class Engine:
         self.step += 1
         metrics = {"loss": loss.detach(), "loss_x": terms["x"].detach(), "lr": torch.tensor(lr)}
         if "s1" in terms:
-            metrics["loss_s"] = (terms["s1"].detach() + terms["s2"].detach()) / 2
+            metrics["loss_s"] = (terms["s1"].detach() + terms.get("s2", terms.get("smim")).detach()) / 2
         for name in ("fp", "cmim", "fa", "smim"):
             if name in terms:
                 metrics[f"loss_{name}"] = terms[name].detach()
@@ -331,7 +331,12 @@ class Engine:
         if use_fp:
             terms["fp"] = pseudo_label_loss(out.logits_fp, label_w, conf_w, pad_u, tau)
         if self.uses("smim"):
-            terms["smim"] = terms["s2"] if cfg.smim.view == "s2" else pseudo_label_loss(logits_s[2], *target1, tau)
+            if cfg.smim.view == "extra":
+                terms["smim"] = pseudo_label_loss(logits_s[2], *target1, tau)
+            elif cfg.smim.count == "add":
+                terms["smim"] = terms["s2"]  # the masked second view counts in L_base and as L_smim
+            else:
+                terms["smim"] = terms.pop("s2")  # ... or once, as L_smim in place of L_s2
         if self.uses("cmim") or self.uses("fa"):
             terms |= self._mim_terms(labeled, u_w, label_w, conf_w, pad_u)
         extra = {"mask_ratio": confident_fraction(conf_w, pad_u, tau)}

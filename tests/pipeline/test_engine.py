@@ -256,3 +256,23 @@ def test_encoder_head_masked_forward_skips_the_decoder_and_keeps_the_losses(tiny
     for name in ("loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "loss_smim"):
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_params, slow_params, rtol=1e-5, atol=1e-5)
+
+
+def test_smim_replace_counts_the_masked_view_once(tiny_config):
+    batch = _batches(1, seed=6)[0]
+    losses = {}
+    for count, weight in (("add", 0.5), ("replace", 0.125)):
+        engine = _engine(tiny_config("unimatch.threshold=0.0", f"smim.count={count}", f"smim.weight={weight}"), "s4mim")
+        torch.manual_seed(8)
+        losses[count] = engine.train_step(*batch)
+    add, replace = losses["add"], losses["replace"]
+    torch.testing.assert_close(add["loss_smim"], replace["loss_smim"])  # the same masked view and mask
+    # add: L_base (with the masked view as L_s2) + 0.5 L_smim; replace at λ 0.125: L_base alone.
+    torch.testing.assert_close(replace["loss"], add["loss"] - 0.5 * add["loss_smim"], rtol=1e-5, atol=1e-6)
+
+
+def test_smim_replace_needs_the_second_view(tiny_config):
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match="smim.count=replace needs smim.view=s2"):
+        tiny_config("smim.count=replace", "smim.view=extra")
