@@ -8,10 +8,13 @@ from tests.pipeline.cli_helpers import run_main
 
 
 def test_results_table_gives_mean_std_and_each_seed(tiny_config):
-    cells = [Cell("unimatch", {0: 50.0, 1: 52.0}), Cell("s4mim", {0: 49.0})]
+    iou = {0: {"background": 90.0, "disc": 10.0}, 1: {"background": 94.0, "disc": 20.0}}
+    cells = [Cell("unimatch", {0: 50.0, 1: 52.0}, final={0: 48.0, 1: 51.0}, iou=iou), Cell("s4mim", {0: 49.0})]
     text = results_markdown(tiny_config(), cells, [0, 1], 3, 7, 125.0, "s4mim quality", "abc123", {0: 40.0, 1: 42.0})
     assert "| unimatch | 51.00 ± 1.41 | 50.00 | 52.00 |" in text
     assert "| s4mim | 49.00 ± 0.00 | 49.00 | - |" in text
+    assert "| unimatch | 49.50 ± 2.12 | 48.00 | 51.00 |" in text  # after the last epoch
+    assert "| class | unimatch |" in text and "| disc | 15.0 |" in text  # per-class IoU, mean over seeds
     assert "41.00 ± 1.41 | 40.00 | 42.00 |" in text  # the warmup teacher row
     assert "`s4mim quality`" in text and "`abc123`" in text and "3 epochs of 7 steps" in text
 
@@ -30,6 +33,7 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
     assert "1 epochs of 2 steps" in text and "warmup teacher" in text
+    assert "after their last epoch" in text and "| background |" in text
     image = decode_png(read_file(str(docs / "results-1_4.png")))
     assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
     # every variant ran as its own pipeline: six train stages, one shared warmup
