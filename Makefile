@@ -39,7 +39,7 @@ bench: install
 	$(BIN)/s4mim bench --device cpu
 
 quality: install
-	$(BIN)/s4mim quality
+	$(BIN)/s4mim quality --jobs 2
 
 clean:
 	rm -rf runs

@@ -527,8 +527,10 @@ def bench(
 @app.command()
 def quality(
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeatable; default 0 1 2).")] = None,
-    epochs: Annotated[int, typer.Option(help="Train-stage epochs, the same for every variant.")] = 6,
-    steps: Annotated[int, typer.Option(help="Steps per train epoch.")] = 90,
+    epochs: Annotated[
+        int | None, typer.Option(help="Train-stage epochs, the same for every variant (default: the preset's).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Steps per train epoch (default: the preset's).")] = None,
     synth_seed: Annotated[
         int,
         typer.Option(
@@ -537,6 +539,13 @@ def quality(
         ),
     ] = 0,
     split: Annotated[str, typer.Option(help="Labeled split of the shapes preset: 1/16, 1/8, 1/4 or 1/2.")] = "1/8",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Runs trained side by side, each with cpu_count / jobs threads (make quality uses 2: on a 2-core "
+            "CPU two one-thread runs beat one two-thread run)."
+        ),
+    ] = 1,
     docs: Annotated[Path, typer.Option(help="Folder for the results table and chart.")] = Path("docs"),
     set_: SetOpt = None,
     data_root: DataRootOpt = None,
@@ -549,10 +558,12 @@ def quality(
     from pipeline.quality import CONTROLLED, preset_for, run_quality, write_results
 
     seeds = seeds or [0, 1, 2]
-    if epochs < 1 or steps < 1:
+    if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
         raise UsageError("--epochs and --steps must be at least 1")
     if synth_seed < 0:
         raise UsageError("--synth-seed must be 0 or more")
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     for text in set_ or []:
         key = ".".join(parse_override(text)[0])
         if key in CONTROLLED:
@@ -561,8 +572,24 @@ def quality(
             )
     runs = _runs()
     base = _config(preset_for(split), [*(set_ or []), f"data.synth_seed={synth_seed}"], data_root)
+    epochs = epochs or base.train.epochs
+    steps = steps or base.train.steps_per_epoch or 90
     backend = _backend(base, runs, ray_address, tracking_uri, local)
-    cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend)
+    target = ["--local"] if local else []
+    if jobs > 1 and not local:  # the side-by-side runs join this command's Ray and log where it logs
+        import ray
+
+        from pipeline.ray_jobs import connect
+        from pipeline.tracking import tracking_uri as resolve_uri
+
+        typer.echo(connect(ray_address))
+        target = [
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+            "--tracking-uri",
+            resolve_uri(base, tracking_uri),
+        ]
+    cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target)
     path = write_results(base, cells, seeds, epochs, steps, wall, warmup, docs)
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")

@@ -85,36 +85,134 @@ def budget_overrides(epochs: int, steps: int) -> dict:
     return {"train.epochs": epochs, "train.steps_per_epoch": steps, "tracking.experiment": EXPERIMENT}
 
 
-def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, backend):
+def cell_configs(base, seeds: list[int], epochs: int, steps: int) -> list[tuple[str, int, object]]:
+    """(variant name, seed, config) of every run of the ablation, seed by seed."""
+    from pipeline.config import apply_overrides
+
+    return [
+        (name, seed, apply_overrides(base, {**budget_overrides(epochs, steps), **overrides, "seed": seed}))
+        for seed in seeds
+        for name, overrides in VARIANTS.items()
+    ]
+
+
+def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int, target: list[str]) -> None:
+    """Train the runs that are not cached yet ``jobs`` at a time, each an ``s4mim`` process with
+    cpu_count // jobs threads (on a 2-core CPU two one-thread runs side by side get through 1.16-1.27x
+    more steps than one two-thread run after another; docs/shapes.md). ``target`` names where they
+    run (``--local``, or the Ray cluster and the tracking URI). Each seed's warmup runs first, in a
+    process of its own, so that no two processes ever train the same stage; the processes' output
+    goes to runs/quality/logs.
+    """
+    import os
+
+    from data_prep.atomic import write_text
+    from pipeline.orchestrate import plan
+    from pipeline.paths import slug
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    folder = runs / "quality"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    warmups, trains = {}, []
+    for name, seed, config in cells:
+        statuses = {s.name: s for s in plan(config, runs, [])}
+        if statuses["evaluate"].status == "cached":
+            continue
+        config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"cpus_per_worker": threads})})
+        stem = f"{slug(name)}-seed{seed}-synth{config.data.synth_seed}-{config.data.split.replace('/', '_')}"
+        path = folder / f"{stem}.json"
+        write_text(path, config.model_dump_json(indent=2) + "\n")
+        if statuses["warmup"].status != "cached":
+            warmups.setdefault(
+                seed, (f"warmup of seed {seed}", ["warmup", str(path)], folder / "logs" / f"warmup-{stem}.log")
+            )
+        trains.append((f"{name}, seed {seed}", ["pipeline", "run", str(path)], folder / "logs" / f"{stem}.log"))
+    if not trains:
+        return
+    say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {folder / 'logs'}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for batch in (list(warmups.values()), trains):
+        _run_pool(batch, jobs, target, env)
+
+
+def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: list[str], env: dict) -> None:
+    """Run ``s4mim`` commands ``jobs`` at a time; stop starting new ones after a failure and raise it."""
+    import subprocess
+
+    from pipeline.errors import UsageError
+
+    pending, running, failed = list(commands), [], []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not failed:
+                label, args, log = pending.pop(0)
+                say(f"   started: {label}")
+                with open(log, "w") as out:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "pipeline", *args, *target],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                running.append((label, log, proc, time.perf_counter()))
+            if failed and not running:
+                break
+            time.sleep(2)
+            for item in list(running):
+                label, log, proc, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                if proc.returncode == 0:
+                    say(f"   finished: {label} ({(time.perf_counter() - t0) / 60:.1f} min)")
+                else:
+                    failed.append((label, log, proc.returncode))
+    except KeyboardInterrupt:
+        for _, _, proc, _ in running:  # they got the Ctrl-C too; give them time to stop cleanly
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    if failed:
+        label, log, code = failed[0]
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or [""]
+        raise UsageError(f"{label} failed (exit {code}): {tail[0].strip()} (whole log: {log})")
+
+
+def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, backend, *, jobs: int = 1,
+                target: list[str] | None = None):  # fmt: skip
     """Run (or find cached) every (variant, seed) pipeline of ``base`` under the fixed budget.
 
-    Returns the cells, the warmup teacher's val mIoU per seed, and the wall time in seconds."""
-    from pipeline.config import apply_overrides
+    With ``jobs`` > 1 the runs train side by side first (``run_side_by_side``); the pass over the
+    pipelines then finds them cached. Returns the cells, the warmup teacher's val mIoU per seed, and
+    the wall time in seconds."""
     from pipeline.orchestrate import run_pipeline
 
     started = time.perf_counter()
+    planned = cell_configs(base, seeds, epochs, steps)
+    if jobs > 1:
+        run_side_by_side(planned, runs, jobs, target or [])
     cells = {name: Cell(name) for name in VARIANTS}
     warmup: dict[int, float] = {}
-    for seed in seeds:
-        for name, overrides in VARIANTS.items():
-            config = apply_overrides(base, {**budget_overrides(epochs, steps), **overrides, "seed": seed})
-            say(f"== {name}, seed {seed}")
-            t0 = time.perf_counter()
-            result = run_pipeline(config, runs, backend)
-            evaluate = next(s for s in result.statuses if s.name == "evaluate")
-            teacher = next(s for s in result.statuses if s.name == "warmup")
-            train = next(s for s in result.statuses if s.name == "train")
-            if teacher.miou is not None:
-                warmup[seed] = teacher.miou
-            cells[name].miou[seed] = evaluate.miou
-            final = _stage_result(train).get("metrics", {}).get("val/miou")
-            if final is not None:
-                cells[name].final[seed] = final
-            per_class = _stage_result(evaluate).get("iou")
-            if per_class:
-                cells[name].iou[seed] = per_class
-            cells[name].seconds[seed] = time.perf_counter() - t0
-            say(f"   val mIoU {evaluate.miou:.2f}")
+    for name, seed, config in planned:
+        say(f"== {name}, seed {seed}")
+        t0 = time.perf_counter()
+        result = run_pipeline(config, runs, backend)
+        evaluate, teacher, train = (
+            next(s for s in result.statuses if s.name == n) for n in ("evaluate", "warmup", "train")
+        )
+        if teacher.miou is not None:
+            warmup[seed] = teacher.miou
+        cells[name].miou[seed] = evaluate.miou
+        final = _stage_result(train).get("metrics", {}).get("val/miou")
+        if final is not None:
+            cells[name].final[seed] = final
+        per_class = _stage_result(evaluate).get("iou")
+        if per_class:
+            cells[name].iou[seed] = per_class
+        cells[name].seconds[seed] = time.perf_counter() - t0
+        say(f"   val mIoU {evaluate.miou:.2f}")
     return list(cells.values()), warmup, time.perf_counter() - started
 
 

@@ -67,3 +67,26 @@ def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, ti
     assert code == 2 and "--split 1/3" in err
     code, _, err = run_main(capsys, "quality", "--local", "--set", "data.synth_seed=1")
     assert code == 2 and "--synth-seed" in err
+
+
+def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
+    """--jobs 2: the runs train in two s4mim processes at a time, one warmup per seed, and the table
+    comes from their cached stages."""
+    from tests.conftest import run_cli
+
+    docs = tmp_path / "docs"
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]
+    sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--local", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs)]
+    proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6 runs to train, 2 side by side with 1 thread(s) each" in proc.stdout
+    stages = runs / "stages" / "shapes-1_8"
+    assert len(list(stages.glob("warmup-*"))) == 1 and len(list(stages.glob("train-*"))) == len(VARIANTS)
+    logs = sorted(p.name for p in (runs / "quality" / "logs").iterdir())
+    assert len(logs) == len(VARIANTS) + 1 and sum(name.startswith("warmup-") for name in logs) == 1
+    text = (docs / "results-1_4.md").read_text()
+    assert all(f"| {name} |" in text for name in VARIANTS)
+    # Everything is cached now: a rerun starts no process.
+    proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)})
+    assert proc.returncode == 0 and "runs to train" not in proc.stdout
