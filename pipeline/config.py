@@ -238,11 +238,13 @@ class TrackingConfig(Section):
     system_metrics: bool = Field(
         True, description="Log CPU, memory, disk and (where there is one) GPU use to each training stage's run."
     )
-    grad_norms: bool = Field(
-        True,
-        description="At each logged step of a semi-supervised stage, log every loss term's gradient norm on the "
-        "encoder (train/grad_norm/<term>): which term drives training. Costs one extra backward pass per term on "
-        "those steps (one step in 10); the training itself is unchanged.",
+    grad_norm_every: int = Field(
+        50,
+        ge=0,
+        description="Every this many steps of a semi-supervised stage (at a logged step), log each loss term's "
+        "gradient norm on the encoder (train/grad_norm/<term>): which term drives training. 0 switches it off. "
+        "A measured step costs about 2.3x a plain one (one extra backward pass per term): +2.6% at 50, +13% "
+        "at 10; the training itself is unchanged.",
     )
     pseudo_acc: bool = Field(
         True,

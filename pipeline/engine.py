@@ -169,6 +169,7 @@ class Engine:
                 model, multi_avg_fn=get_ema_multi_avg_fn(config.unimatch.ema_decay), use_buffers=True
             )
         self.step = 0
+        self._last_grad_norm = -(10**9)  # the step gradient norms were last measured at
 
     def uses(self, term: str) -> bool:
         return term in self.terms
@@ -384,13 +385,14 @@ class Engine:
         *,
         on_log: Callable[[dict, int], None] | None = None,
         log_every: int = 10,
-        grad_norms: bool = False,
+        grad_norm_every: int = 0,
     ) -> dict[str, float]:
         """Run ``steps`` steps over ``batches``; returns the epoch's mean metrics and ``img_per_s``.
 
         ``on_log(metrics, step)`` gets running means every ``log_every`` steps (numbers, prefixed
-        ``train/``); this is the only place the loop waits for the device. With ``grad_norms`` the
-        logged step also measures each term's gradient norm (``train/grad_norm/<term>``, that step's).
+        ``train/``); this is the only place the loop waits for the device. With ``grad_norm_every`` the
+        first logged step at least that many steps after the last measurement also measures each term's
+        gradient norm (``train/grad_norm/<term>``, that step's).
         """
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
@@ -400,7 +402,10 @@ class Engine:
             if i >= steps:
                 break
             logs_now = on_log is not None and (window_count + 1 == log_every or i == steps - 1)
-            metrics = self.train_step(labeled, unlabeled, partner, diagnose=grad_norms and logs_now)
+            diagnose = logs_now and grad_norm_every > 0 and self.step + 1 - self._last_grad_norm >= grad_norm_every
+            if diagnose:
+                self._last_grad_norm = self.step + 1
+            metrics = self.train_step(labeled, unlabeled, partner, diagnose=diagnose)
             snapshot = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("grad_norm/")]}
             n_images = labeled["image"].shape[0] + (unlabeled["weak"].shape[0] if unlabeled else 0)
             images += n_images

@@ -205,8 +205,8 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
     for epoch in range(start_epoch, schedule.epochs):
         epoch_started = time.perf_counter()
         data.set_epoch(epoch)
-        grad_norms = config.tracking.grad_norms and len(engine.terms) > 1
-        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log, grad_norms=grad_norms)
+        grad_norm_every = config.tracking.grad_norm_every if len(engine.terms) > 1 else 0
+        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log, grad_norm_every=grad_norm_every)
         metrics["epoch"] = epoch + 1
         is_best = False
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:

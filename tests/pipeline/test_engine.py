@@ -276,3 +276,15 @@ def test_smim_replace_needs_the_second_view(tiny_config):
 
     with pytest.raises(UsageError, match="smim.count=replace needs smim.view=s2"):
         tiny_config("smim.count=replace", "smim.view=extra")
+
+
+def test_gradient_norms_are_logged_at_their_interval(tiny_config):
+    engine = _engine(tiny_config("unimatch.threshold=0.0"), "unimatch", total=12)
+    logged = []
+    engine.train_epoch(_batches(12, seed=1), 12, on_log=lambda m, step: logged.append((step, m)), log_every=2,
+                       grad_norm_every=5)  # fmt: skip
+    assert [step for step, _ in logged] == [2, 4, 6, 8, 10, 12]
+    measured = [step for step, m in logged if "train/grad_norm/s1" in m]
+    assert measured == [2, 8]  # the first logged step, then the first logged step 5 or more steps later
+    assert all("train/grad_norm/total" in m for step, m in logged if step in measured)
+    assert all(not any(k.startswith("train/grad_norm/") for k in m) for step, m in logged if step not in measured)
