@@ -316,5 +316,17 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
     path = results_path(base, docs)
     bar_chart(cells, base.preset, path.with_suffix(".png"))
-    write_text(path, results_markdown(base, cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou))
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou)
+    write_text(path, text + kept_notes(path))
     return path
+
+
+KEEP_MARKER = "<!-- s4mim quality keeps everything below this line -->"
+
+
+def kept_notes(path: Path) -> str:
+    """What follows ``KEEP_MARKER`` in an existing results file (hand-written analysis), marker included."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    return "\n" + text[text.index(KEEP_MARKER) :] if KEEP_MARKER in text else ""

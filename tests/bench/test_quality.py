@@ -34,6 +34,16 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
         assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
     assert "1 epochs of 2 steps" in text and "warmup teacher" in text
     assert "after their last epoch" in text and "| background |" in text
+    # A rewrite of the table keeps the notes written below the marker, and only those.
+    from pipeline.quality import KEEP_MARKER
+
+    (docs / "results-1_4.md").write_text(text.replace("warmup teacher", "OLD") + f"{KEEP_MARKER}\n## Diagnosis\nkept\n")
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    again = (docs / "results-1_4.md").read_text()
+    assert (
+        "OLD" not in again and again.endswith(f"{KEEP_MARKER}\n## Diagnosis\nkept\n") and again.count(KEEP_MARKER) == 1
+    )
     image = decode_png(read_file(str(docs / "results-1_4.png")))
     assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
     # every variant ran as its own pipeline: six train stages, one shared warmup
