@@ -17,6 +17,7 @@ the exact command, the git sha and the wall time, and docs/results.png a bar cha
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 import time
@@ -108,7 +109,6 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
 
     from data_prep.atomic import write_text
     from pipeline.orchestrate import plan
-    from pipeline.paths import slug
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     folder = runs / "quality"
@@ -119,7 +119,8 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
         if statuses["evaluate"].status == "cached":
             continue
         config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"cpus_per_worker": threads})})
-        stem = f"{slug(name)}-seed{seed}-synth{config.data.synth_seed}-{config.data.split.replace('/', '_')}"
+        words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # "unimatch + CMIM" -> unimatch-cmim
+        stem = f"{words}-seed{seed}-synth{config.data.synth_seed}-{config.data.split.replace('/', '_')}"
         path = folder / f"{stem}.json"
         write_text(path, config.model_dump_json(indent=2) + "\n")
         if statuses["warmup"].status != "cached":

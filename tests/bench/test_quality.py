@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from pipeline.quality import VARIANTS, Cell, results_markdown
 from tests.conftest import TINY_OVERRIDES
 from tests.pipeline.cli_helpers import run_main
@@ -100,3 +102,22 @@ def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     # Everything is cached now: a rerun starts no process.
     proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)})
     assert proc.returncode == 0 and "runs to train" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_path):
+    """Without --local, the side-by-side runs join the Ray the quality command started and log to its MLflow."""
+    from tests.conftest import run_cli
+
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]
+    sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(tmp_path / "d")]
+    proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)}, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs = list((runs / "quality" / "logs").glob("*.log"))
+    assert len(logs) == len(VARIANTS) + 1
+    addresses = {line.split()[3].rstrip(":") for log in logs for line in log.read_text().splitlines()
+                 if line.startswith("Ray cluster at")}  # fmt: skip
+    assert len(addresses) == 1  # every run joined the one cluster
+    assert (runs / "mlflow.db").is_file()
+    assert (tmp_path / "d" / "results-1_4.md").is_file()
