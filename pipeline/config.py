@@ -131,10 +131,10 @@ class MIMConfig(Section):
     patch: int = Field(32, ge=1, description="Side of a masked patch in pixels (32 at crop 321).")
     loss: Literal["l1", "l2"] = Field("l1", description="Reconstruction error.")
     head: Literal["decoder", "encoder"] = Field(
-        "decoder",
-        description="Features the reconstruction head reads: decoder (stride 4, the segmentation features) or "
-        "encoder (stride 16, SimMIM's choice; with fa.feature=encoder the masked forward then skips ASPP and "
-        "decoder).",
+        "encoder",
+        description="Features the reconstruction head reads: encoder (stride 16, SimMIM's choice; with "
+        "fa.feature=encoder the masked forward stops after the encoder) or decoder (stride 4, the segmentation "
+        "features, which the reconstruction then pulls toward RGB).",
     )
     max_classes: int = Field(2, ge=1, description="Classes reconstructed per image: the cost bound.")
     min_pixels: int = Field(64, ge=1, description="Pixels a class needs in an image to be reconstructed.")
@@ -152,7 +152,7 @@ class MIMConfig(Section):
 class FAConfig(Section):
     weight: float = Field(0.1, ge=0, description="λ_fa, weight of feature aggregation; 0 switches it off.")
     feature: Literal["decoder", "encoder"] = Field(
-        "decoder", description="Features aggregated: decoder (stride 4, before the classifier) or encoder (stride 16)."
+        "encoder", description="Features aggregated: encoder (stride 16) or decoder (stride 4, before the classifier)."
     )
     stop_grad: bool = Field(True, description="Detach the visible prototype v_c.")
 

@@ -23,11 +23,11 @@ def test_bench_smoke_prints_json_last_and_writes_results(capsys, runs, tiny_shap
         "s4mim_cmim_only",
         "s4mim_fa_only",
         "s4mim_smim_only",
-        "s4mim_encoder",
+        "s4mim_decoder_head",
     } <= set(rows)
     assert all(row["median_s"] > 0 and row["img_per_s"] > 0 for row in rows.values())
     assert report["s4mim_over_unimatch"] > 0 and report["unimatch_over_supervised"] > 0
-    assert report["s4mim_encoder_over_unimatch"] > 0
+    assert report["s4mim_decoder_head_over_unimatch"] > 0
     from pipeline.bench import PHASES
 
     phases = report["s4mim_phases_ms"]
