@@ -109,8 +109,11 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
 
     from data_prep.atomic import write_text
     from pipeline.orchestrate import plan
+    from pipeline.prepare import prepare_stage
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    for config in {c.data.model_dump_json(): c for _, _, c in cells}.values():
+        prepare_stage(config, runs)  # data, manifest and split once, here, before any process could race for them
     folder = runs / "quality"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     warmups, trains = {}, []
