@@ -133,10 +133,11 @@ def loss_coefficients(terms: Mapping[str, object], weights: Mapping[str, float])
     otherwise L_base = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, and the S4MIM terms add with
     their weights λ.
     """
-    if not any(name in terms for name in ("s1", "s2", "fp")):
-        return {"x": 1.0}
-    base = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
-    out = {name: w / 2 for name, w in base.items() if name in terms}
+    if any(name in terms for name in ("s1", "s2", "fp")):
+        base = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
+        out = {name: w / 2 for name, w in base.items() if name in terms}
+    else:
+        out = {"x": 1.0}
     return out | {name: weights[name] for name in ("cmim", "fa", "smim") if name in terms}
 
 

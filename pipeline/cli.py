@@ -579,16 +579,17 @@ def quality(
     if jobs > 1 and not local:  # the side-by-side runs join this command's Ray and log where it logs
         import ray
 
+        from pipeline.quality import EXPERIMENT
         from pipeline.ray_jobs import connect
+        from pipeline.tracking import Tracker
         from pipeline.tracking import tracking_uri as resolve_uri
 
         typer.echo(connect(ray_address))
-        target = [
-            "--ray-address",
-            ray.get_runtime_context().gcs_address,
-            "--tracking-uri",
-            resolve_uri(base, tracking_uri),
-        ]
+        uri = resolve_uri(base, tracking_uri)
+        Tracker(uri).experiment(EXPERIMENT)  # the store and experiment exist before the runs race to make them
+        joined = ray_address or os.environ.get("RAY_ADDRESS")
+        address = joined if joined not in (None, "local") else ray.get_runtime_context().gcs_address
+        target = ["--ray-address", address, "--tracking-uri", uri]
     cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target)
     path = write_results(base, cells, seeds, epochs, steps, wall, warmup, docs)
     for cell in cells:

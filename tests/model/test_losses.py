@@ -194,3 +194,11 @@ def test_total_loss_per_variant():
     assert total_loss(t, w).item() == pytest.approx(base + 3.0 + 0.5 + 3.5)
     without_fa = {k: v for k, v in t.items() if k != "fa"}
     assert total_loss(without_fa, w).item() == pytest.approx(base + 3.0 + 3.5)
+
+
+def test_extra_terms_add_to_a_supervised_base():
+    from model.losses import loss_coefficients
+
+    t = {"x": torch.tensor(1.0), "cmim": torch.tensor(3.0)}
+    assert loss_coefficients(t, {"cmim": 1.0, "fa": 0.1, "smim": 0.5}) == {"x": 1.0, "cmim": 1.0}
+    assert total_loss(t, {"cmim": 1.0, "fa": 0.1, "smim": 0.5}).item() == pytest.approx(4.0)
