@@ -306,14 +306,21 @@ def _write_chunk(job) -> int:
     return len(ids)
 
 
-def is_complete(root: Path, seed: int, settings: ShapesSettings = ShapesSettings()) -> bool:
-    """True when ``root`` holds this exact dataset (same seed and settings)."""
+def read_meta(root: Path) -> dict | None:
+    """The ``shapes.json`` a generated dataset carries (seed, settings, classes); None when it is missing or
+    not a JSON object."""
     meta_path = Path(root) / "shapes.json"
     if not meta_path.is_file():
-        return False
+        return None
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
-        return False
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_complete(root: Path, seed: int, settings: ShapesSettings = ShapesSettings()) -> bool:
+    """True when ``root`` holds this exact dataset (same seed and settings)."""
+    meta = read_meta(root)
     expected = json.loads(json.dumps(asdict(settings)))
-    return meta.get("seed") == seed and meta.get("settings") == expected
+    return meta is not None and meta.get("seed") == seed and meta.get("settings") == expected

@@ -237,9 +237,7 @@ class Engine:
             self.scaler.scale(loss).backward()
         if diagnose:
             grads = [p.grad for p in self.model.backbone.parameters() if p.grad is not None]
-            extra["grad_norm/total"] = (
-                _norm(grads) / self.scaler.get_scale() if self.scaler.is_enabled() else _norm(grads)
-            )
+            extra["grad_norm/total"] = _norm(grads) / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         with record_function("s4mim.optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()

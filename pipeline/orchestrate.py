@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -56,6 +56,7 @@ class StageStatus:
     seconds: float = 0.0
     miou: float | None = None
     detail: str = ""
+    result: dict = field(default_factory=dict)  # the stage's result.json, for a stage that ran or is cached
 
 
 def stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Path:
@@ -120,7 +121,7 @@ def plan(config: Config, runs: Path, force: list[str]) -> list[StageStatus]:
             continue
         folder, result = finished_stage(runs, config, stage, inputs)
         if result is not None and stage not in forced:
-            statuses.append(StageStatus(stage, "cached", folder, miou=result.get("best_miou", result.get("miou"))))
+            statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result), result=result))
         else:
             folder = stage_folder(runs, config, stage, inputs)
             if stage in forced:
@@ -162,7 +163,7 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
             folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
             if result is not None and stage not in forced:
                 say(f"[{stage}] cached: {folder}")
-                statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result)))
+                statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result), result=result))
             else:
                 folder = stage_folder(runs, config, stage, prepared.inputs_hash)
                 if stage in forced:
@@ -172,7 +173,9 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
                 say(f"[{stage}] running -> {folder}")
                 t0 = time.perf_counter()
                 result = backend.run_stage(config, stage, prepared, folder, checkpoint)
-                statuses.append(StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result)))
+                statuses.append(
+                    StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result), result=result)
+                )
             checkpoint = result.get("checkpoint", checkpoint)
         ok = True
     except KeyboardInterrupt:

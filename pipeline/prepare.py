@@ -7,7 +7,6 @@ s4mim pipeline run shapes-1/8                         # prepare runs as the firs
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +53,11 @@ def dataset_root(config: Config) -> Path:
 def ensure_shapes(root: Path, seed: int) -> None:
     """Generate the embedded dataset at ``root`` when no shapes dataset is there yet; one generated with
     another seed is refused (held-out data must never stand in for development data, or back)."""
-    meta = root / "shapes.json"
-    if meta.is_file():
-        try:
-            found = json.loads(meta.read_text()).get("seed")
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{meta} is not valid JSON; delete {root} to generate the dataset again") from None
+    if (root / "shapes.json").is_file():
+        meta = shapes.read_meta(root)
+        if meta is None:
+            raise DataError(f"{root / 'shapes.json'} is not valid JSON; delete {root} to generate the dataset again")
+        found = meta.get("seed")
         if found != seed:
             raise DataError(
                 f"{root} holds shapes generated with seed {found}, not {seed}; "

@@ -76,12 +76,6 @@ def _std(values) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _stage_result(status) -> dict:
-    from pipeline.local import read_result
-
-    return (read_result(status.folder) or {}) if status.folder is not None else {}
-
-
 def budget_overrides(epochs: int, steps: int) -> dict:
     return {"train.epochs": epochs, "train.steps_per_epoch": steps, "tracking.experiment": EXPERIMENT}
 
@@ -209,10 +203,10 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
         if teacher.miou is not None:
             warmup[seed] = teacher.miou
         cells[name].miou[seed] = evaluate.miou
-        final = _stage_result(train).get("metrics", {}).get("val/miou")
+        final = train.result.get("metrics", {}).get("val/miou")
         if final is not None:
             cells[name].final[seed] = final
-        per_class = _stage_result(evaluate).get("iou")
+        per_class = evaluate.result.get("iou")
         if per_class:
             cells[name].iou[seed] = per_class
         cells[name].seconds[seed] = time.perf_counter() - t0
