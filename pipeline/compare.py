@@ -92,7 +92,7 @@ def _fraction_of(split: str) -> float | None:
 
 def differing_params(rows: list[RunRow]) -> list[str]:
     keys = sorted({k for r in rows for k in r.params})
-    return [k for k in keys if len({r.params.get(k) for r in rows}) > 1 and k not in ("data.split",)]
+    return [k for k in keys if len({r.params.get(k) for r in rows}) > 1 and k not in ("data.split", "preset")]
 
 
 def render(rows: list[RunRow], fmt: str) -> str:

@@ -27,12 +27,9 @@ KEY_TAG = "s4mim.key"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
 MODEL_NAME = "model"  # the artifact path of the train stage's logged model
 MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"  # shipped with it: it loads without s4mim
-PARAM_KEYS = (
-    "variant", "seed", "data.dataset", "data.split", "data.crop", "data.batch_size", "model.backbone", "model.init",
-    "optim.lr", "unimatch.threshold", "unimatch.cutmix_source", "unimatch.teacher", "mim.mode", "mim.ratio",
-    "mim.patch", "mim.weight", "mim.max_classes", "mim.on", "fa.weight", "smim.weight", "smim.view",
-    "warmup.epochs", "train.epochs", "scaling.workers",
-)  # fmt: skip
+# Every config key is an MLflow param (so runs compare and the UI show any knob a run changed), except
+# these: where the data lives, the store itself, and the labeled id list (up to thousands of ids).
+UNLOGGED_KEYS = frozenset({"data.root", "data.labeled_ids", "tracking.uri"})
 
 
 def tracking_uri(config: Config | None = None, override: str | None = None) -> str:
@@ -82,14 +79,19 @@ def git_sha() -> str:
         return "unknown"
 
 
-def flat_params(config: Config, extra: tuple[str, ...] = ()) -> dict[str, str]:
-    data = config.model_dump(mode="json")
-    out = {}
-    for key in (*PARAM_KEYS, *extra):
-        node = data
-        for part in key.split("."):
-            node = node[part]
-        out[key] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+def flat_params(config: Config) -> dict[str, str]:
+    """The config's leaves as MLflow params, by dotted key (lists and tuples as JSON)."""
+    out: dict[str, str] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + key
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif name not in UNLOGGED_KEYS:
+                out[name] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk(config.model_dump(mode="json"), "")
     return out
 
 

@@ -96,7 +96,7 @@ def _trial(params: dict, *, base: dict, prepared, teacher: str, storage: str, tr
     trial_id = tune.get_context().get_trial_id()
     run_id = None
     if tracking:
-        run_id = _trial_run(tracking, config, prepared, sweep, trial_id, params)
+        run_id = _trial_run(tracking, config, prepared, sweep, trial_id)
     result = run_job(
         config,
         "train",
@@ -115,7 +115,7 @@ def _trial(params: dict, *, base: dict, prepared, teacher: str, storage: str, tr
         raise result.error
 
 
-def _trial_run(tracking: dict, config: Config, prepared, sweep: str, trial_id: str, params: dict) -> str:
+def _trial_run(tracking: dict, config: Config, prepared, sweep: str, trial_id: str) -> str:
     from pipeline.tracking import Tracker, flat_params, run_tags
 
     tracker = Tracker(tracking["uri"])
@@ -128,7 +128,7 @@ def _trial_run(tracking: dict, config: Config, prepared, sweep: str, trial_id: s
     tags = run_tags(config, "train", prepared.labeled, stage_hash, config.scaling.workers)
     tags |= {"sweep_id": sweep, "trial_id": trial_id}
     run_id = tracker.create(tracking["experiment_id"], key, f"{sweep} {trial_id}", tags, tracking["parent_id"])
-    tracker.log_params(run_id, flat_params(config, tuple(k for k in params if "." in k)))
+    tracker.log_params(run_id, flat_params(config))
     return run_id
 
 

@@ -45,6 +45,7 @@ def test_compare_groups_by_split_and_shows_differing_params(capsys, store):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["split", "variant", "val/miou"]
     assert "variant" in lines[0] and "data.crop" not in lines[0]  # only parameters that differ
+    assert "preset" not in lines[0].split()  # the split column says it
     body = [line for line in lines[1:] if line.strip()]
     assert [line.split()[0] for line in body] == ["shapes-1/8", "shapes-1/8", "shapes-1/4", "shapes-1/4"]
     assert "" in lines  # a blank line between split groups
@@ -55,6 +56,18 @@ def test_compare_groups_by_split_and_shows_differing_params(capsys, store):
 
     code, out, _ = run_main(capsys, "runs", "compare", "--format", "csv")
     assert code == 0 and out.splitlines()[0].startswith("split,variant,val/miou,model,run")
+
+
+def test_every_config_key_but_paths_is_a_param(runs):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    config = load_preset("shapes-1/8", ["train.lr=0.02", "mim.head=decoder", "data.labeled_ids=ids.txt"])
+    tracking = PipelineTracking(uri, config, _prepared(128, 896))
+    params = MlflowClient(uri).get_run(tracking.parent_id).data.params
+    assert params["train.lr"] == "0.02" and params["mim.head"] == "decoder" and params["smim.count"] == "add"
+    assert params["model.dilations"] == "[2, 4, 6]"
+    assert not {"data.root", "data.labeled_ids", "tracking.uri"} & params.keys()
 
 
 def test_compare_errors(capsys, store):
@@ -95,12 +108,12 @@ def test_ui_server_shows_both_splits_over_rest(store, runs):
         request = urllib.request.Request(
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s4mim", method="GET"
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             experiment_id = json.load(response)["experiment"]["experiment_id"]
         body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
                                          headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             found = json.load(response)["runs"]
         splits = {tag["value"] for run in found for tag in run["data"]["tags"] if tag["key"] == "split"}
         assert splits == {"shapes-1/8", "shapes-1/4"}
