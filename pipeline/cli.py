@@ -94,15 +94,18 @@ def presets(
 
 @data_app.command("synth")
 def data_synth(
-    root: Annotated[Path | None, typer.Option(help="Output folder (default: $S4MIM_DATA/shapes).")] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: $S4MIM_DATA/shapes, or $S4MIM_DATA/shapes-seedN for --seed N)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Dataset seed: the same seed gives the same images.")] = 0,
 ) -> None:
     """Generate the embedded ``shapes`` dataset in VOC layout."""
     from data_prep import shapes
     from pipeline.console import Progress
-    from pipeline.paths import data_dir
+    from pipeline.prepare import shapes_dir
 
-    root = (root or data_dir() / "shapes").absolute()
+    root = (root or shapes_dir(seed)).absolute()
     if shapes.is_complete(root, seed):
         typer.echo(f"{root} already holds shapes seed {seed}")
         return

@@ -44,10 +44,14 @@ def dataset_root(config: Config) -> Path:
     """``data.root``, or ``$S4MIM_DATA/<dataset>`` (``shapes-seedN`` for another shapes seed)."""
     if config.data.root:
         return Path(config.data.root).expanduser().absolute()
-    name = config.data.dataset
-    if name == "shapes" and config.data.synth_seed != 0:
-        name = f"shapes-seed{config.data.synth_seed}"
-    return data_dir() / name
+    if config.data.dataset == "shapes":
+        return shapes_dir(config.data.synth_seed)
+    return data_dir() / config.data.dataset
+
+
+def shapes_dir(seed: int) -> Path:
+    """Where the shapes dataset of a generator seed lives by default: each seed has its own folder."""
+    return data_dir() / ("shapes" if seed == 0 else f"shapes-seed{seed}")
 
 
 def ensure_shapes(root: Path, seed: int) -> None:
