@@ -559,6 +559,7 @@ def quality(
     """The S4MIM ablation on shapes (6 variants x seeds, one fixed budget); writes docs/results*.md."""
     from pipeline.config import parse_override
     from pipeline.quality import CONTROLLED, preset_for, run_quality, write_results
+    from pipeline.tracking import git_sha
 
     seeds = seeds or [0, 1, 2]
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
@@ -593,8 +594,9 @@ def quality(
         joined = ray_address or os.environ.get("RAY_ADDRESS")
         address = joined if joined not in (None, "local") else ray.get_runtime_context().gcs_address
         target = ["--ray-address", address, "--tracking-uri", uri]
+    sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
     cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target)
-    path = write_results(base, cells, seeds, epochs, steps, wall, warmup, docs)
+    path = write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")
     typer.echo(f"wrote {path} and {path.with_suffix('.png')}")

@@ -308,13 +308,11 @@ def results_path(base, docs: Path) -> Path:
     return docs / f"{name}.md"
 
 
-def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path) -> Path:
-    from pipeline.tracking import git_sha
-
+def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path, sha: str) -> Path:
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
     path = results_path(base, docs)
     bar_chart(cells, base.preset, path.with_suffix(".png"))
-    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, git_sha(), warmup_miou)
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou)
     write_text(path, text + kept_notes(path))
     return path
 
