@@ -91,8 +91,10 @@ def _fraction_of(split: str) -> float | None:
 
 
 def differing_params(rows: list[RunRow]) -> list[str]:
-    keys = sorted({k for r in rows for k in r.params})
-    return [k for k in keys if len({r.params.get(k) for r in rows}) > 1 and k not in ("data.split", "preset")]
+    """Params whose value differs between the runs that have them (runs logged by an older s4mim lack
+    some keys; a missing key is not a difference)."""
+    keys = sorted({k for r in rows for k in r.params} - {"data.split", "preset"})
+    return [k for k in keys if len({r.params[k] for r in rows if k in r.params}) > 1]
 
 
 def render(rows: list[RunRow], fmt: str) -> str:
@@ -167,7 +169,8 @@ def plot_sweep(rows: list[RunRow], sweep: str, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(knobs), figsize=(3.2 * len(knobs), 3.2), dpi=120, squeeze=False)
     for ax, knob in zip(axes[0], knobs):
         pts = [(float(r.params[knob]), r.miou) for r in rows if r.miou is not None and knob in r.params]
-        stopped = [(float(r.params[knob]), r.miou) for r in rows if r.tags.get("stopped_by") and r.miou is not None]
+        stopped = [(float(r.params[knob]), r.miou) for r in rows
+                   if r.tags.get("stopped_by") and r.miou is not None and knob in r.params]  # fmt: skip
         ax.scatter(*zip(*pts), label="trials") if pts else None
         ax.scatter(*zip(*stopped), marker="x", color="grey", label="stopped by ASHA") if stopped else None
         ax.set_xlabel(knob)

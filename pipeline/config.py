@@ -201,8 +201,7 @@ class StageConfig(Section):
     lr: float | None = Field(
         None,
         gt=0,
-        description="Backbone learning rate of this stage; null means optim.lr. A short train stage that starts "
-        "from a converged teacher wants a lower one than the warmup.",
+        description="Backbone learning rate of this stage; null means optim.lr.",
     )
 
 

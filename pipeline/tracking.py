@@ -297,6 +297,7 @@ class PipelineTracking:
         if found:
             self.parent_id = found
             self.tracker.reopen(found)
+            self.tracker.log_params(found, flat_params(config))  # the keys a run from an older s4mim lacks
         else:
             name = name or f"{config.preset} {config.variant}"
             self.parent_id = self.tracker.create(self.experiment_id, key, name, run_tags_)

@@ -70,6 +70,32 @@ def test_every_config_key_but_paths_is_a_param(runs):
     assert not {"data.root", "data.labeled_ids", "tracking.uri"} & params.keys()
 
 
+def test_a_reused_parent_run_gets_the_params_it_lacks(runs):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    config = load_preset("shapes-1/8", ["train.lr=0.02"])
+    tracker = Tracker(uri)
+    older = tracker.create(tracker.experiment(config.tracking.experiment), "k", "from an older s4mim", {})
+    tracker.log_params(older, {"variant": "s4mim"})  # an older s4mim logged a handful of keys
+    tracking = PipelineTracking(uri, config, _prepared(128, 896), key="k")
+    params = MlflowClient(uri).get_run(older).data.params
+    assert tracking.parent_id == older and params["train.lr"] == "0.02" and params["variant"] == "s4mim"
+
+
+def test_a_key_that_older_runs_lack_is_not_a_difference():
+    from pipeline.compare import RunRow, differing_params
+
+    def row(**params):
+        return RunRow("id", "run", "shapes-1/8", "s4mim", "pipeline", 50.0, 0.125, params, {})
+
+    older = row(**{"mim.ratio": "0.5", "data.split": "1/8"})
+    newer = row(**{"mim.ratio": "0.6", "data.split": "1/4", "mim.head": "encoder", "preset": "shapes-1/4"})
+    assert differing_params([older, newer]) == ["mim.ratio"]
+
+
 def test_compare_errors(capsys, store):
     code, _, err = run_main(capsys, "runs", "compare", "--experiment", "nope")
     assert code == 2 and "no MLflow experiment 'nope'" in err and "s4mim" in err
