@@ -297,13 +297,13 @@ class PipelineTracking:
         if found:
             self.parent_id = found
             self.tracker.reopen(found)
-            self.tracker.log_params(found, flat_params(config))  # the keys a run from an older s4mim lacks
         else:
             name = name or f"{config.preset} {config.variant}"
             self.parent_id = self.tracker.create(self.experiment_id, key, name, run_tags_)
-            self.tracker.log_params(self.parent_id, flat_params(config))
             self.tracker.log_text(self.parent_id, json.dumps(config.model_dump(mode="json"), indent=2), "config.json")
             self._log_dataset(self.parent_id, "train")
+        # A reused run gets only the keys it lacks (a run logged by an older s4mim has fewer).
+        self.tracker.log_params(self.parent_id, flat_params(config))
 
     def stage_run(self, stage: str, fresh: bool = False) -> str:
         """The child run of ``stage``: the unfinished one to resume, or a new one."""
@@ -313,6 +313,7 @@ class PipelineTracking:
         found = None if fresh else self.tracker.find(self.experiment_id, key, self.parent_id)
         if found and self.tracker.client.get_run(found).info.status != "FINISHED":
             self.tracker.reopen(found)
+            self.tracker.log_params(found, flat_params(config))  # only the keys it lacks, as for the parent
             return found
         tags = run_tags(config, stage, self.labeled, stage_hash, config.scaling.workers)
         run_id = self.tracker.create(self.experiment_id, key, f"{config.preset} {stage}", tags, self.parent_id)
