@@ -231,7 +231,7 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
 
 
 def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, checkpoint=None) -> dict:
-    from pipeline.orchestrate import finished_stage, open_stage_folder, stage_folder
+    from pipeline.orchestrate import finished_stage, open_stage_folder, stage_folder, stage_lock
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
@@ -253,24 +253,26 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
                 f"[{stage}] already finished for this config: {folder} (s4mim pipeline run --force {stage} reruns it)"
             )
             return done
-        folder = open_stage_folder(runs, config, stage, prepared.inputs_hash)
     else:  # scoring another checkpoint: its own folder, never the pipeline's cache
         import hashlib
 
         folder = stage_folder(runs, config, stage, prepared.inputs_hash)
         digest = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
         folder = folder.with_name(f"{folder.name}-ckpt{digest}")
-    folder.mkdir(parents=True, exist_ok=True)
-    backend.begin(config, prepared)
-    ok, status = False, None
-    try:
-        result = backend.run_stage(config, stage, prepared, folder, init)
-        ok = True
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        parent = backend.end(ok, status)
+    with stage_lock(folder, stage):
+        if checkpoint is None:
+            open_stage_folder(runs, config, stage, prepared.inputs_hash)
+        folder.mkdir(parents=True, exist_ok=True)
+        backend.begin(config, prepared)
+        ok, status = False, None
+        try:
+            result = backend.run_stage(config, stage, prepared, folder, init)
+            ok = True
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            parent = backend.end(ok, status)
     if parent:
         typer.echo(f"MLflow parent run {parent}")
     return result

@@ -6,14 +6,21 @@ fingerprint of the code that computes it (``pipeline.fingerprint``); ``hash.json
 keeps the three parts, so that ``--dry-run`` can say which one changed when a stage is not cached.
 A folder with ``result.json`` is a finished stage and is reported as cached; a folder without it
 holds an interrupted stage, which resumes from its last checkpoint. ``--force STAGE`` reruns that
-stage and every stage after it from scratch.
+stage and every stage after it from scratch. While a stage runs, its ``<folder>.lock`` is held
+(``stage_lock``), so that a second s4mim asked to run the same stage stops with a message instead
+of training into the same folder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +76,51 @@ def open_stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) 
     folder.mkdir(parents=True, exist_ok=True)
     write_text_if_changed(folder / HASH_FILE, json.dumps(config.stage_hash_parts(stage, inputs_hash), indent=2) + "\n")
     return folder
+
+
+@contextmanager
+def stage_lock(folder: Path, stage: str) -> Iterator[None]:
+    """Hold ``<folder>.lock`` while ``stage`` runs into ``folder``.
+
+    A second process that asks for the same stage fails at once with a ``UsageError`` naming the
+    holder, rather than resuming from checkpoints the first run is replacing. The lock is an
+    ``flock``, so the kernel releases it when its holder dies, however it dies: a lock file left
+    behind by a killed run never blocks the next one. Under torchrun only rank 0 takes it (the other
+    ranks are part of rank 0's run).
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = folder.with_name(folder.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 - held until the stage ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UsageError(
+                f"the {stage} stage is already running in another s4mim ({holder}), into {folder}; wait for it to "
+                "finish (this command then finds the stage cached), or stop that process"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the previous holder removed the file between our open and our lock: take the new one
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
 
 
 def why_not_cached(runs: Path, config: Config, stage: str, inputs_hash: str) -> str:
@@ -155,6 +207,16 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
     )
     if "train" in forced or finished_stage(runs, config, "train", prepared.inputs_hash)[1] is None:
         check_unlabeled(config, prepared)
+    with ExitStack() as locks:  # every stage to run is locked before anything is tracked: a refused run leaves no trace
+        for stage in STAGES[1:]:
+            if stage in forced or finished_stage(runs, config, stage, prepared.inputs_hash)[1] is None:
+                locks.enter_context(stage_lock(stage_folder(runs, config, stage, prepared.inputs_hash), stage))
+        return _run_stages(config, runs, backend, prepared, forced, statuses)
+
+
+def _run_stages(
+    config: Config, runs: Path, backend: Backend, prepared: Prepared, forced: set[str], statuses: list[StageStatus]
+) -> PipelineResult:
     backend.begin(config, prepared)
     ok, status = False, None
     try:

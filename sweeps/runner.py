@@ -143,7 +143,7 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.orchestrate import finished_stage
+    from pipeline.orchestrate import finished_stage, stage_lock
     from pipeline.prepare import prepare_stage
 
     base = spec.check_keys()
@@ -171,7 +171,8 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
         if warm is None:
             say(f"[warmup] running -> {warm_folder} (shared by every trial)")
             warm_folder.mkdir(parents=True, exist_ok=True)
-            warm = backend.run_stage(base, "warmup", prepared, warm_folder, None)
+            with stage_lock(warm_folder, "warmup"):
+                warm = backend.run_stage(base, "warmup", prepared, warm_folder, None)
         else:
             say(f"[warmup] cached: {warm_folder} (shared by every trial)")
 

@@ -1,0 +1,45 @@
+"""A stage being run holds a lock: a second s4mim asked for the same stage stops at once, leaving no trace."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline.errors import UsageError
+from pipeline.orchestrate import stage_folder, stage_lock
+from pipeline.prepare import prepare_stage
+from tests.pipeline.cli_helpers import one_line_error, run_s4mim, tree_state
+from tests.pipeline.ray_helpers import mlflow_runs, tiny_args
+
+
+def test_a_held_stage_refuses_a_second_holder_until_released(tmp_path):
+    folder = tmp_path / "stages" / "p" / "train-abc"
+    with stage_lock(folder, "train"):
+        lock = folder.with_name("train-abc.lock")
+        assert f"pid {os.getpid()} on " in lock.read_text()
+        with pytest.raises(UsageError, match=rf"train stage is already running .*pid {os.getpid()} on .*train-abc"):
+            with stage_lock(folder, "train"):
+                pass
+    assert not lock.exists()
+    lock.write_text("pid 1 on elsewhere, since long ago\n")  # left by a killed run: the kernel holds no lock on it
+    with stage_lock(folder, "train"):
+        assert f"pid {os.getpid()} on " in lock.read_text()
+
+
+def test_pipeline_and_stage_commands_stop_on_a_stage_in_use(tiny_config, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    env = {"S4MIM_RUNS": str(runs), "S4MIM_DATA": str(tmp_path / "data"), "RAY_ADDRESS": ""}
+    config = tiny_config()
+    prepared = prepare_stage(config, runs)
+    warmup = stage_folder(runs, config, "warmup", prepared.inputs_hash)
+    with stage_lock(warmup, "warmup"):
+        before = tree_state(runs / "stages"), tree_state(runs / "manifests"), tree_state(runs / "splits")
+        for command in (["pipeline", "run"], ["warmup"]):
+            done = run_s4mim(*command, "shapes-1/8", *tiny_args(tiny_shapes), env=env)
+            assert done.returncode == 2, done.stderr[-3000:]
+            line = one_line_error(done.stderr)
+            assert f"the warmup stage is already running in another s4mim (pid {os.getpid()} on " in line
+            assert str(warmup) in line and "wait for it to finish" in line
+        assert (tree_state(runs / "stages"), tree_state(runs / "manifests"), tree_state(runs / "splits")) == before
+    assert mlflow_runs(runs / "mlflow.db") == []  # refused before anything was tracked
