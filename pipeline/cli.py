@@ -246,21 +246,21 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
         init = str(checkpoint) if checkpoint else _finished(runs, config, "train", prepared, "s4mim evaluate")
     else:
         init = None
-    if checkpoint is None:
-        folder, done = finished_stage(runs, config, stage, prepared.inputs_hash)
-        if done is not None:
-            typer.echo(
-                f"[{stage}] already finished for this config: {folder} (s4mim pipeline run --force {stage} reruns it)"
-            )
-            return done
-    else:  # scoring another checkpoint: its own folder, never the pipeline's cache
+    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+    if checkpoint is not None:  # scoring another checkpoint: its own folder, never the pipeline's cache
         import hashlib
 
-        folder = stage_folder(runs, config, stage, prepared.inputs_hash)
         digest = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
         folder = folder.with_name(f"{folder.name}-ckpt{digest}")
-    with stage_lock(folder, stage):
+    with stage_lock(folder, stage):  # before the cache check: a stage another process is running is not finished
         if checkpoint is None:
+            cached, done = finished_stage(runs, config, stage, prepared.inputs_hash)
+            if done is not None:
+                typer.echo(
+                    f"[{stage}] already finished for this config: {cached} "
+                    f"(s4mim pipeline run --force {stage} reruns it)"
+                )
+                return done
             open_stage_folder(runs, config, stage, prepared.inputs_hash)
         folder.mkdir(parents=True, exist_ok=True)
         backend.begin(config, prepared)

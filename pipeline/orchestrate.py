@@ -6,8 +6,8 @@ fingerprint of the code that computes it (``pipeline.fingerprint``); ``hash.json
 keeps the three parts, so that ``--dry-run`` can say which one changed when a stage is not cached.
 A folder with ``result.json`` is a finished stage and is reported as cached; a folder without it
 holds an interrupted stage, which resumes from its last checkpoint. ``--force STAGE`` reruns that
-stage and every stage after it from scratch. While a stage runs, its ``<folder>.lock`` is held
-(``stage_lock``), so that a second s4mim asked to run the same stage stops with a message instead
+stage and every stage after it from scratch. While a stage runs, its lock in ``runs/stages/.locks`` is
+held (``stage_lock``), so that a second s4mim asked to run the same stage stops with a message instead
 of training into the same folder.
 """
 
@@ -78,20 +78,45 @@ def open_stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) 
     return folder
 
 
+def lock_path(folder: Path) -> Path:
+    """``runs/stages/.locks/<stage>-<hash>.lock``: one per stage hash, whichever preset's folder trains it
+    (``finished_stage`` lets presets share a stage with the same hash)."""
+    return folder.parent.parent / ".locks" / f"{folder.name}.lock"
+
+
 @contextmanager
 def stage_lock(folder: Path, stage: str) -> Iterator[None]:
-    """Hold ``<folder>.lock`` while ``stage`` runs into ``folder``.
+    """Hold the stage's lock (``lock_path``) while ``stage`` runs into ``folder``.
 
     A second process that asks for the same stage fails at once with a ``UsageError`` naming the
     holder, rather than resuming from checkpoints the first run is replacing. The lock is an
     ``flock``, so the kernel releases it when its holder dies, however it dies: a lock file left
-    behind by a killed run never blocks the next one. Under torchrun only rank 0 takes it (the other
-    ranks are part of rank 0's run).
+    behind by a killed run never blocks the next one. Under torchrun rank 0 takes it and tells the
+    other ranks the outcome, so that every rank stops, or goes on, together.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    refusal = None
+    with ExitStack() as held:
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:
+                held.enter_context(_flock(lock_path(folder), f"the {stage} stage", folder))
+            except UsageError as exc:
+                refusal = str(exc)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            from pipeline.local import init_distributed
+
+            init_distributed()
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal is not None:
+            raise UsageError(refusal)
         yield
-        return
-    path = folder.with_name(folder.name + ".lock")
+
+
+@contextmanager
+def _flock(path: Path, what: str, folder: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(path, "a+")  # noqa: SIM115 - held until the stage ends
@@ -102,8 +127,8 @@ def stage_lock(folder: Path, stage: str) -> Iterator[None]:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise UsageError(
-                f"the {stage} stage is already running in another s4mim ({holder}), into {folder}; wait for it to "
-                "finish (this command then finds the stage cached), or stop that process"
+                f"{what} is already running in another s4mim ({holder}), into {folder}; wait for it to finish "
+                "(this command then finds the stage cached), or stop that process"
             ) from None
         try:
             if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:

@@ -138,6 +138,7 @@ def _fingerprint(spec: SweepSpec) -> str:
 
 def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> SweepOutcome:
     """Warm up once (or reuse the cached warmup), then run or restore the Tune experiment."""
+    from contextlib import ExitStack
     from functools import partial
 
     from ray import tune
@@ -148,95 +149,99 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
 
     base = spec.check_keys()
     prepared = prepare_stage(base, runs)
-    backend.begin(
-        base,
-        prepared,
-        parent_key=f"sweep-{spec.name}-{_fingerprint(spec)}",
-        parent_name=f"sweep {spec.name}",
-        parent_tags={"sweep_id": spec.name, "stage": "sweep"},
-        fresh=fresh,
-    )
-    n_concurrent, plan = concurrency(spec, base)
-    say(f"sweep {spec.name}: {plan}")
-    say(f"  space: {', '.join(f'{k} ({d.kind} {getattr(d, d.kind)})' for k, d in spec.space.items())}")
-    epochs = base.train.epochs
-    asha = spec.scheduler
-    say(
-        f"  ASHA on {spec.metric} ({spec.mode}), epochs 1..{epochs}, grace {asha.grace_period}, "
-        f"reduction factor {asha.reduction_factor:g}"
-    )
-    ok = interrupted = False
-    try:
-        warm_folder, warm = finished_stage(runs, base, "warmup", prepared.inputs_hash)
-        if warm is None:
-            say(f"[warmup] running -> {warm_folder} (shared by every trial)")
-            warm_folder.mkdir(parents=True, exist_ok=True)
-            with stage_lock(warm_folder, "warmup"):
-                warm = backend.run_stage(base, "warmup", prepared, warm_folder, None)
-        else:
-            say(f"[warmup] cached: {warm_folder} (shared by every trial)")
-
-        experiments = f"{backend.storage.rstrip('/')}/sweeps"
-        path = f"{experiments}/{spec.name}"
-        marker = runs / "sweeps" / spec.name / "spec.json"
-        if fresh:
-            shutil.rmtree(path, ignore_errors=True) if "://" not in path else None
-            marker.unlink(missing_ok=True)
-        tracking = None
-        if backend.pipeline is not None:
-            tracking = {
-                "uri": backend.tracking_uri,
-                "parent_id": backend.pipeline.parent_id,
-                "experiment_id": backend.pipeline.experiment_id,
-            }
-        trainable = tune.with_resources(
-            partial(
-                _trial,
-                base=base.model_dump(mode="json"),
-                prepared=prepared,
-                teacher=warm["checkpoint"],
-                storage=backend.storage,
-                tracking=tracking,
-                sweep=spec.name,
-            ),
-            {"CPU": TRIAL_DRIVER_CPU},
+    warm_folder, warm = finished_stage(runs, base, "warmup", prepared.inputs_hash)
+    with ExitStack() as warm_lock:
+        if warm is None:  # locked before the sweep's run is tracked, so a refused sweep leaves no trace
+            warm_lock.enter_context(stage_lock(warm_folder, "warmup"))
+            warm_folder, warm = finished_stage(runs, base, "warmup", prepared.inputs_hash)
+        backend.begin(
+            base,
+            prepared,
+            parent_key=f"sweep-{spec.name}-{_fingerprint(spec)}",
+            parent_name=f"sweep {spec.name}",
+            parent_tags={"sweep_id": spec.name, "stage": "sweep"},
+            fresh=fresh,
         )
-        if tune.Tuner.can_restore(path):
-            if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != _fingerprint(spec):
-                raise UsageError(f"sweep {spec.name} exists with another spec; rename the sweep or pass --fresh")
-            say(f"restoring sweep {spec.name} from {path}: finished trials are kept")
-            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            write_text(marker, json.dumps({"fingerprint": _fingerprint(spec), "spec": spec.model_dump()}, indent=2))
-            scheduler = ASHAScheduler(
-                time_attr="epoch",
-                max_t=epochs,
-                grace_period=spec.scheduler.grace_period,
-                reduction_factor=spec.scheduler.reduction_factor,
-            )
-            tuner = tune.Tuner(
-                trainable,
-                param_space={k: d.to_tune() for k, d in spec.space.items()},
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric,
-                    mode=spec.mode,
-                    num_samples=spec.num_samples,
-                    scheduler=scheduler,
-                    max_concurrent_trials=n_concurrent,
+        n_concurrent, plan = concurrency(spec, base)
+        say(f"sweep {spec.name}: {plan}")
+        say(f"  space: {', '.join(f'{k} ({d.kind} {getattr(d, d.kind)})' for k, d in spec.space.items())}")
+        epochs = base.train.epochs
+        asha = spec.scheduler
+        say(
+            f"  ASHA on {spec.metric} ({spec.mode}), epochs 1..{epochs}, grace {asha.grace_period}, "
+            f"reduction factor {asha.reduction_factor:g}"
+        )
+        ok = interrupted = False
+        try:
+            if warm is None:
+                say(f"[warmup] running -> {warm_folder} (shared by every trial)")
+                warm_folder.mkdir(parents=True, exist_ok=True)
+                warm = backend.run_stage(base, "warmup", prepared, warm_folder, None)
+                warm_lock.close()  # the trials only read the finished teacher
+            else:
+                say(f"[warmup] cached: {warm_folder} (shared by every trial)")
+
+            experiments = f"{backend.storage.rstrip('/')}/sweeps"
+            path = f"{experiments}/{spec.name}"
+            marker = runs / "sweeps" / spec.name / "spec.json"
+            if fresh:
+                shutil.rmtree(path, ignore_errors=True) if "://" not in path else None
+                marker.unlink(missing_ok=True)
+            tracking = None
+            if backend.pipeline is not None:
+                tracking = {
+                    "uri": backend.tracking_uri,
+                    "parent_id": backend.pipeline.parent_id,
+                    "experiment_id": backend.pipeline.experiment_id,
+                }
+            trainable = tune.with_resources(
+                partial(
+                    _trial,
+                    base=base.model_dump(mode="json"),
+                    prepared=prepared,
+                    teacher=warm["checkpoint"],
+                    storage=backend.storage,
+                    tracking=tracking,
+                    sweep=spec.name,
                 ),
-                run_config=tune.RunConfig(name=spec.name, storage_path=experiments, verbose=1),
+                {"CPU": TRIAL_DRIVER_CPU},
             )
-        grid = tuner.fit()
-        # Tune returns from fit() on Ctrl-C too; the trials it had not ended were interrupted,
-        # not stopped by ASHA, and the ones it had not started yet are missing from the grid.
-        rows = _rows(grid, spec, epochs, ended_trials(path))
-        interrupted = len(rows) < trial_count(spec) or any(r.status == "unfinished" for r in rows)
-        best = None if interrupted else _best(rows, spec.mode)
-        _mark_outcomes(backend, spec, rows, best)
-        preset_file = _write_preset(spec, best, runs) if best else None
-        ok = not interrupted
-    finally:
-        parent = backend.end(ok, "KILLED" if interrupted else None)
+            if tune.Tuner.can_restore(path):
+                if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != _fingerprint(spec):
+                    raise UsageError(f"sweep {spec.name} exists with another spec; rename the sweep or pass --fresh")
+                say(f"restoring sweep {spec.name} from {path}: finished trials are kept")
+                tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                write_text(marker, json.dumps({"fingerprint": _fingerprint(spec), "spec": spec.model_dump()}, indent=2))
+                scheduler = ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=epochs,
+                    grace_period=spec.scheduler.grace_period,
+                    reduction_factor=spec.scheduler.reduction_factor,
+                )
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={k: d.to_tune() for k, d in spec.space.items()},
+                    tune_config=tune.TuneConfig(
+                        metric=spec.metric,
+                        mode=spec.mode,
+                        num_samples=spec.num_samples,
+                        scheduler=scheduler,
+                        max_concurrent_trials=n_concurrent,
+                    ),
+                    run_config=tune.RunConfig(name=spec.name, storage_path=experiments, verbose=1),
+                )
+            grid = tuner.fit()
+            # Tune returns from fit() on Ctrl-C too; the trials it had not ended were interrupted,
+            # not stopped by ASHA, and the ones it had not started yet are missing from the grid.
+            rows = _rows(grid, spec, epochs, ended_trials(path))
+            interrupted = len(rows) < trial_count(spec) or any(r.status == "unfinished" for r in rows)
+            best = None if interrupted else _best(rows, spec.mode)
+            _mark_outcomes(backend, spec, rows, best)
+            preset_file = _write_preset(spec, best, runs) if best else None
+            ok = not interrupted
+        finally:
+            parent = backend.end(ok, "KILLED" if interrupted else None)
     return SweepOutcome(rows, best, preset_file, parent, interrupted)
 
 
