@@ -142,6 +142,12 @@ class MIMConfig(Section):
         None, ge=0, le=1, description="Confidence an unlabeled pixel needs to join a class map; null means τ."
     )
     on: Literal["labeled", "unlabeled", "both"] = Field("both", description="Images that take part.")
+    input: Literal["isolated", "whole"] = Field(
+        "isolated",
+        description="classwise only: the masked forward sees each chosen class isolated, x·1[class=c]·(1−M) "
+        "(SPEC §3.2), or whole: the image with its patches masked, as plain MIM sees it, the reconstruction still "
+        "scored per (image, class) pair. A diagnosis knob: it tells the class-isolated input from the per-class loss.",
+    )
     freeze_bn_stats: bool = Field(
         True,
         description="Keep BatchNorm running statistics out of the masked forward pass, whose mostly "

@@ -360,17 +360,19 @@ class Engine:
         with record_function("s4mim.masked_inputs"):
             masked = patch_mask(n, h, w, cfg.patch, cfg.ratio, device=images.device)
             class_ids, valid = sample_classes(class_map, self.num_classes, cfg.max_classes, cfg.min_pixels)
-            if cfg.mode == "classwise":
-                batch = fa_batch = class_isolated_inputs(images, class_map, masked, class_ids, valid)
-            else:
+            if cfg.mode == "classwise" and cfg.input == "isolated":  # a forward per (image, class) pair
+                batch = fa_batch = scored = class_isolated_inputs(images, class_map, masked, class_ids, valid)
+            else:  # a forward per image; the pairs point into it
                 batch, fa_batch = plain_masked_inputs(images, masked, padding, class_map, class_ids, valid)
+                scored = fa_batch if cfg.mode == "classwise" else batch
             inputs = batch.inputs.contiguous(memory_format=self.memory_format)
         with frozen_bn_stats(self.model, cfg.freeze_bn_stats), record_function("s4mim.masked_forward"):
             decoder_fa = self.uses("fa") and self.config.fa.feature == "decoder"
             out = self.net(inputs, need_features=decoder_fa, need_reconstruction=self.uses("cmim"), need_logits=False)
         terms = {}
         if self.uses("cmim"):
-            terms["cmim"] = reconstruction_loss(out.reconstruction, images[batch.image_index], batch, cfg.loss)
+            reconstruction = out.reconstruction if scored is batch else out.reconstruction[scored.image_index]
+            terms["cmim"] = reconstruction_loss(reconstruction, images[scored.image_index], scored, cfg.loss)
         if self.uses("fa"):
             features = out.features if self.config.fa.feature == "decoder" else out.encoder_features
             terms["fa"] = feature_aggregation_loss(features, fa_batch, self.config.fa.stop_grad)

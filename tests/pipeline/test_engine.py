@@ -56,7 +56,7 @@ def test_step_reports_spec_metric_names(tiny_config, variant):
     [
         [],
         ["unimatch.teacher=ema", "unimatch.cutmix_source=roll", "smim.view=extra", "mim.mode=plain"],
-        ["mim.on=unlabeled", "fa.feature=encoder", "unimatch.feature_perturbation=false"],
+        ["mim.on=unlabeled", "fa.feature=encoder", "unimatch.feature_perturbation=false", "mim.input=whole"],
     ],
 )
 def test_each_term_switches_off(tiny_config, extra):
@@ -288,3 +288,41 @@ def test_gradient_norms_are_logged_at_their_interval(tiny_config):
     assert measured == [2, 8]  # the first logged step, then the first logged step 5 or more steps later
     assert all("train/grad_norm/total" in m for step, m in logged if step in measured)
     assert all(not any(k.startswith("train/grad_norm/") for k in m) for step, m in logged if step not in measured)
+
+
+def test_cmim_on_the_whole_image_scores_the_plain_forward_per_class(tiny_config, monkeypatch):
+    """mim.input=whole: the masked forward sees plain MIM's input; the loss is scored per (image, class) pair."""
+    import pipeline.engine as engine_module
+
+    batch = _batches(1, seed=5)[0]
+    seen = {}
+    for name, extra in (("plain", ["mim.mode=plain"]), ("whole", ["mim.input=whole"]), ("isolated", [])):
+        engine = _engine(tiny_config("unimatch.threshold=0.0", "fa.weight=0", "smim.weight=0", *extra), "s4mim")
+        forward, scored = engine.model.forward, []
+
+        def record(x, f=forward, key=name, **kw):
+            out = f(x, **kw)
+            if kw.get("need_reconstruction"):
+                seen[key] = (x.detach().clone(), out.reconstruction.detach().clone())
+            return out
+
+        loss = engine_module.reconstruction_loss
+        monkeypatch.setattr(engine.model, "forward", record)
+        monkeypatch.setattr(
+            engine_module, "reconstruction_loss", lambda r, t, b, k, c=scored, f=loss: c.append((r, b)) or f(r, t, b, k)
+        )
+        torch.manual_seed(9)
+        metrics = engine.train_step(*batch)
+        seen[name] += (scored[0], metrics["loss_cmim"])
+    plain_x, _, (_, plain_pairs), plain_loss = seen["plain"]
+    whole_x, whole_recon, (recon, pairs), whole_loss = seen["whole"]
+    isolated_x = seen["isolated"][0]
+    assert torch.equal(whole_x, plain_x)  # the same masked whole images, one per image
+    assert isolated_x.shape[0] == pairs.valid.shape[0] > whole_x.shape[0]  # isolated: one input per pair
+    assert plain_pairs.valid.shape[0] == whole_x.shape[0]  # plain scores one region per image
+    # whole: each pair is scored on its image's reconstruction, over one class's masked pixels
+    torch.testing.assert_close(recon.detach(), whole_recon[pairs.image_index])
+    assert pairs.valid.any() and not torch.equal(
+        pairs.region[pairs.valid], plain_pairs.region[pairs.image_index][pairs.valid]
+    )
+    assert not torch.isclose(whole_loss, plain_loss)
