@@ -231,7 +231,7 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
 
 
 def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, checkpoint=None) -> dict:
-    from pipeline.orchestrate import finished_stage, open_stage_folder, stage_folder, stage_lock
+    from pipeline.orchestrate import finished_stage, open_stage_folder, stage_folder, stage_lock, tracked
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
@@ -263,18 +263,10 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
                 return done
             open_stage_folder(runs, config, stage, prepared.inputs_hash)
         folder.mkdir(parents=True, exist_ok=True)
-        backend.begin(config, prepared)
-        ok, status = False, None
-        try:
+        with tracked(backend, config, prepared) as run:
             result = backend.run_stage(config, stage, prepared, folder, init)
-            ok = True
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            parent = backend.end(ok, status)
-    if parent:
-        typer.echo(f"MLflow parent run {parent}")
+    if run.parent_run_id:
+        typer.echo(f"MLflow parent run {run.parent_run_id}")
     return result
 
 

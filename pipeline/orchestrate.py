@@ -56,6 +56,28 @@ class Backend(Protocol):
 
 
 @dataclass
+class TrackedRun:
+    parent_run_id: str | None = None  # set when the block ends
+
+
+@contextmanager
+def tracked(backend: Backend, config: Config, prepared: Prepared) -> Iterator[TrackedRun]:
+    """``backend.begin``, then ``backend.end`` with the block's outcome: finished when it completes,
+    KILLED on Ctrl-C, failed on any other exception (which goes on up)."""
+    run = TrackedRun()
+    backend.begin(config, prepared)
+    ok, status = False, None
+    try:
+        yield run
+        ok = True
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        run.parent_run_id = backend.end(ok, status)
+
+
+@dataclass
 class StageStatus:
     name: str
     status: str  # planned, cached, ran, failed
@@ -236,41 +258,27 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
         for stage in STAGES[1:]:
             if stage in forced or finished_stage(runs, config, stage, prepared.inputs_hash)[1] is None:
                 locks.enter_context(stage_lock(stage_folder(runs, config, stage, prepared.inputs_hash), stage))
-        return _run_stages(config, runs, backend, prepared, forced, statuses)
-
-
-def _run_stages(
-    config: Config, runs: Path, backend: Backend, prepared: Prepared, forced: set[str], statuses: list[StageStatus]
-) -> PipelineResult:
-    backend.begin(config, prepared)
-    ok, status = False, None
-    try:
-        checkpoint: str | None = None
-        for stage in STAGES[1:]:
-            folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
-            if result is not None and stage not in forced:
-                say(f"[{stage}] cached: {folder}")
-                statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result), result=result))
-            else:
-                folder = stage_folder(runs, config, stage, prepared.inputs_hash)
-                if stage in forced:
-                    shutil.rmtree(folder, ignore_errors=True)
-                    backend.forget(config, stage, prepared)
-                folder = open_stage_folder(runs, config, stage, prepared.inputs_hash)
-                say(f"[{stage}] running -> {folder}")
-                t0 = time.perf_counter()
-                result = backend.run_stage(config, stage, prepared, folder, checkpoint)
-                statuses.append(
-                    StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result), result=result)
-                )
-            checkpoint = result.get("checkpoint", checkpoint)
-        ok = True
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        parent = backend.end(ok, status)
-    return PipelineResult(statuses, parent)
+        with tracked(backend, config, prepared) as run:
+            checkpoint: str | None = None
+            for stage in STAGES[1:]:
+                folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
+                if result is not None and stage not in forced:
+                    say(f"[{stage}] cached: {folder}")
+                    statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result), result=result))
+                else:
+                    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
+                    if stage in forced:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        backend.forget(config, stage, prepared)
+                    folder = open_stage_folder(runs, config, stage, prepared.inputs_hash)
+                    say(f"[{stage}] running -> {folder}")
+                    t0 = time.perf_counter()
+                    result = backend.run_stage(config, stage, prepared, folder, checkpoint)
+                    statuses.append(
+                        StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result), result=result)
+                    )
+                checkpoint = result.get("checkpoint", checkpoint)
+    return PipelineResult(statuses, run.parent_run_id)
 
 
 def _miou(result: dict) -> float | None:
