@@ -74,16 +74,18 @@ def mix_in_box(own: torch.Tensor, other: torch.Tensor, box: torch.Tensor) -> tor
 
 def reconstruction_loss(
     reconstruction: torch.Tensor,
-    target: torch.Tensor,
+    images: torch.Tensor,
     batch: MaskedInputs,
     kind: str = "l1",
 ) -> torch.Tensor:
     """L_cmim: per-pixel L1 (or L2) over the pixels in the region *and* masked.
 
-    reconstruction and target (N, 3, H, W), the normalised image. The error is averaged per
-    (image, class) pair, then over the pairs that have such pixels; filler pairs never count.
+    reconstruction (N', 3, H, W) is the masked forward's output, of which pair n reads row
+    ``forward_row[n]``; images (B, 3, H, W) are the normalised source images, of which it reads
+    ``image_index[n]`` as the target. The error is averaged per (image, class) pair, then over the
+    pairs that have such pixels; filler pairs never count.
     """
-    diff = reconstruction.float() - target.float()
+    diff = reconstruction[batch.forward_row].float() - images[batch.image_index].float()  # (N, 3, H, W)
     err = (diff.abs() if kind == "l1" else diff.square()).mean(dim=1)  # (N, H, W)
     pixels = batch.target_pixels
     count = pixels.sum(dim=(1, 2))  # (N,)
@@ -105,11 +107,12 @@ def feature_aggregation_loss(
 ) -> torch.Tensor:
     """L_fa: mean over pairs of the mean over masked cells p in c of 1 - cos(F(p), v_c).
 
-    features (B', D, h, w) from the masked forward pass; ``batch.image_index`` picks each pair's
-    map. v_c, the visible prototype, is the mean feature over the visible cells of c. Pairs with no
-    masked or no visible cell are skipped.
+    features (N', D, h, w) from the masked forward pass, of which pair n reads row ``forward_row[n]``:
+    its own class-isolated input, or its source image when the forward ran once per image. v_c, the
+    visible prototype, is the mean feature over the visible cells of c. Pairs with no masked or no
+    visible cell are skipped.
     """
-    feats = features[batch.image_index].float()  # (N, D, h, w)
+    feats = features[batch.forward_row].float()  # (N, D, h, w)
     size = feats.shape[-2:]
     region = downsample_mask(batch.region, size)
     masked = downsample_mask(batch.masked, size)

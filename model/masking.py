@@ -68,10 +68,16 @@ def sample_classes(
 
 @dataclass
 class MaskedInputs:
-    """A batch of N masked inputs and what their reconstruction and feature losses need."""
+    """N scored pairs of a masked forward pass, and what their reconstruction and feature losses need.
 
-    inputs: torch.Tensor  # (N, 3, H, W) image with fill 0 outside the kept pixels
-    image_index: torch.Tensor  # (N,) which source image each input comes from
+    Two indices tie a pair to its tensors, and they differ when the forward runs once per image:
+    ``forward_row`` is the row of the masked forward that holds the pair's output (reconstruction,
+    features); ``image_index`` is the source image, whose original pixels are the target.
+    """
+
+    inputs: torch.Tensor  # (N', 3, H, W) the masked forward's input, fill 0 outside the kept pixels
+    image_index: torch.Tensor  # (N,) the source image of each pair, in 0..B-1
+    forward_row: torch.Tensor  # (N,) the row of the masked forward that holds each pair's output, in 0..N'-1
     region: torch.Tensor  # (N, H, W) bool: the pixels the pair is about (class c, or the whole image)
     masked: torch.Tensor  # (N, H, W) bool: the patch mask of the source image
     valid: torch.Tensor  # (N,) bool: False for filler slots that must not count
@@ -92,7 +98,8 @@ def class_isolated_inputs(
     """x_c = x * 1[class = c] * (1 - M) for every chosen (image, class) pair, as one batch.
 
     images (B, 3, H, W) normalised, so 0 is the fill (mean colour); class_map (B, H, W);
-    masked (B, H, W) bool; class_ids and valid (B, K). Returns N = B*K inputs, image-major.
+    masked (B, H, W) bool; class_ids and valid (B, K). Returns N = B*K inputs, image-major: the
+    forward runs once per pair, so pair n's output is row n of it.
     """
     b, k = class_ids.shape
     region = (class_map[:, None] == class_ids[:, :, None, None]) & valid[:, :, None, None]  # (B,K,H,W)
@@ -102,6 +109,7 @@ def class_isolated_inputs(
     return MaskedInputs(
         inputs=inputs.reshape(b * k, *images.shape[1:]),
         image_index=torch.arange(b, device=images.device).repeat_interleave(k),
+        forward_row=torch.arange(b * k, device=images.device),
         region=region.reshape(b * k, h, w),
         masked=masked[:, None].expand(b, k, h, w).reshape(b * k, h, w),
         valid=valid.reshape(b * k),
@@ -118,13 +126,15 @@ def plain_masked_inputs(
 ) -> tuple[MaskedInputs, MaskedInputs | None]:
     """Basic (SimMIM-style) MIM: mask the whole image, reconstruct every masked non-padding pixel.
 
-    Returns the whole-image inputs and, when class ids are given, the (image, class) pairs that
-    feature aggregation scores on the same forward pass (their ``image_index`` points into it).
+    Returns the whole-image inputs and, when class ids are given, the (image, class) pairs scored
+    on the same forward pass: it runs once per image, so a pair's output is its source image's row.
     """
     b = images.shape[0]
+    rows = torch.arange(b, device=images.device)
     whole = MaskedInputs(
         inputs=images * (~masked)[:, None].to(images.dtype),
-        image_index=torch.arange(b, device=images.device),
+        image_index=rows,
+        forward_row=rows,
         region=~padding,
         masked=masked,
         valid=torch.ones(b, dtype=torch.bool, device=images.device),
@@ -136,7 +146,8 @@ def plain_masked_inputs(
     region = (class_map[:, None] == class_ids[:, :, None, None]) & valid[:, :, None, None]
     pairs = MaskedInputs(
         inputs=whole.inputs,
-        image_index=whole.image_index.repeat_interleave(k),
+        image_index=rows.repeat_interleave(k),
+        forward_row=rows.repeat_interleave(k),
         region=region.reshape(b * k, h, w),
         masked=masked[:, None].expand(b, k, h, w).reshape(b * k, h, w),
         valid=valid.reshape(b * k),

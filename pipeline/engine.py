@@ -371,8 +371,7 @@ class Engine:
             out = self.net(inputs, need_features=decoder_fa, need_reconstruction=self.uses("cmim"), need_logits=False)
         terms = {}
         if self.uses("cmim"):
-            reconstruction = out.reconstruction if scored is batch else out.reconstruction[scored.image_index]
-            terms["cmim"] = reconstruction_loss(reconstruction, images[scored.image_index], scored, cfg.loss)
+            terms["cmim"] = reconstruction_loss(out.reconstruction, images, scored, cfg.loss)
         if self.uses("fa"):
             features = out.features if self.config.fa.feature == "decoder" else out.encoder_features
             terms["fa"] = feature_aggregation_loss(features, fa_batch, self.config.fa.stop_grad)

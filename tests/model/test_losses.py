@@ -99,9 +99,10 @@ def test_cmim_reconstruction_of_class_c_sees_no_pixel_of_another_class():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
     recon = net(batch.inputs)
     only_class_0 = MaskedInputs(
-        batch.inputs[:1], batch.image_index[:1], batch.region[:1], batch.masked[:1], batch.valid[:1]
-    )
-    loss = reconstruction_loss(recon[:1], images[batch.image_index[:1]], only_class_0)
+        batch.inputs[:1], batch.image_index[:1], batch.forward_row[:1], batch.region[:1], batch.masked[:1],
+        batch.valid[:1],
+    )  # fmt: skip
+    loss = reconstruction_loss(recon, images, only_class_0)
     (grad,) = torch.autograd.grad(loss, images)
     seen = grad.abs().sum(1)[0] > 0
     # The input pixels the loss depends on: visible class-0 pixels (through the network) and the
@@ -123,6 +124,7 @@ def test_reconstruction_loss_by_hand():
     batch = MaskedInputs(
         inputs=torch.zeros(1, 3, 2, 2),
         image_index=torch.tensor([0]),
+        forward_row=torch.tensor([0]),
         region=torch.ones(1, 2, 2, dtype=torch.bool),
         masked=torch.tensor([[[True, True], [False, False]]]),
         valid=torch.tensor([True]),
@@ -133,18 +135,20 @@ def test_reconstruction_loss_by_hand():
     two = MaskedInputs(
         torch.zeros(2, 3, 2, 2),
         torch.tensor([0, 0]),
+        torch.tensor([0, 1]),
         batch.region.repeat(2, 1, 1),
         batch.masked.repeat(2, 1, 1),
         torch.tensor([True, False]),
     )
     preds = torch.cat([pred, torch.full_like(pred, 1e6)])
-    assert reconstruction_loss(preds, target.repeat(2, 1, 1, 1), two, "l1").item() == pytest.approx(2.0)
+    assert reconstruction_loss(preds, target, two, "l1").item() == pytest.approx(2.0)
 
 
 def _fa_batch(region, masked, valid=True):
     return MaskedInputs(
         inputs=torch.zeros(1, 3, *region.shape),
         image_index=torch.tensor([0]),
+        forward_row=torch.tensor([0]),
         region=region[None],
         masked=masked[None],
         valid=torch.tensor([valid]),
@@ -172,6 +176,76 @@ def test_feature_aggregation_by_hand():
     assert feature_aggregation_loss(features, _fa_batch(region, masked)).item() == pytest.approx(1.5)
     # No visible cell: the pair is skipped.
     assert feature_aggregation_loss(features, _fa_batch(region, torch.ones(2, 2, dtype=torch.bool))).item() == 0.0
+
+
+def _two_images_two_classes():
+    """B = 2 images with K = 2 classes each, every pair with masked and visible pixels: class maps of
+    vertical stripes (image 0: classes 0 | 1, image 1: classes 2 | 1 | 0), the top half masked."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 8, 8)
+    class_map = torch.zeros(2, 8, 8, dtype=torch.long)
+    class_map[0, :, 4:] = 1
+    class_map[1, :, :3], class_map[1, :, 3:6] = 2, 1
+    masked = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masked[:, :4] = True
+    ids, valid = torch.tensor([[0, 1], [2, 0]]), torch.ones(2, 2, dtype=torch.bool)
+    return images, class_map, masked, ids, valid
+
+
+def _fa_of_one_pair(feature_map, region, masked):
+    """L_fa of one pair, at the input's resolution (no downsampling): the mean over its masked cells of
+    1 - cos(F(p), mean of F over its visible cells)."""
+    prototype = feature_map[:, region & ~masked].mean(dim=1)  # (D,)
+    hidden = feature_map[:, region & masked]  # (D, cells)
+    return (1 - F.cosine_similarity(hidden, prototype[:, None], dim=0)).mean()
+
+
+def _net(out_channels):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(6, out_channels, 1)
+    )
+
+
+def test_each_pair_of_the_class_isolated_forward_reads_its_own_row():
+    """B = K = 2: pair n's FA and reconstruction losses are computed from row n of the forward (its own
+    class-isolated input), and every input gets a gradient."""
+    images, class_map, masked, ids, valid = _two_images_two_classes()
+    batch = class_isolated_inputs(images, class_map, masked, ids, valid)
+    inputs = batch.inputs.clone().requires_grad_()
+    features, reconstruction = _net(4)(inputs), _net(3)(inputs)  # (N, D, 8, 8), (N, 3, 8, 8)
+    pairs = range(batch.valid.shape[0])
+    fa = torch.stack([_fa_of_one_pair(features[n], batch.region[n], batch.masked[n]) for n in pairs]).mean()
+    recon = torch.stack(
+        [
+            (reconstruction[n] - images[batch.image_index[n]]).abs().mean(dim=0)[batch.target_pixels[n]].mean()
+            for n in pairs
+        ]
+    ).mean()
+    for loss, by_hand in (
+        (lambda: feature_aggregation_loss(features, batch), fa),
+        (lambda: reconstruction_loss(reconstruction, images, batch), recon),
+    ):
+        torch.testing.assert_close(loss(), by_hand)
+        (grad,) = torch.autograd.grad(loss(), inputs)
+        assert (grad.abs().sum(dim=(1, 2, 3)) > 0).tolist() == [True] * len(pairs)
+
+
+def test_pairs_of_the_whole_image_forward_read_their_source_images_row():
+    """mim.input=whole: the forward runs once per image, and pair (b, c) reads row b of it."""
+    images, class_map, masked, ids, valid = _two_images_two_classes()
+    whole, batch = plain_masked_inputs(images, masked, torch.zeros_like(masked), class_map, ids, valid)
+    inputs = whole.inputs.clone().requires_grad_()
+    features, reconstruction = _net(4)(inputs), _net(3)(inputs)  # (B, D, 8, 8), (B, 3, 8, 8)
+    pairs = range(batch.valid.shape[0])
+    source = batch.image_index.tolist()
+    assert source == [0, 0, 1, 1]
+    fa = torch.stack([_fa_of_one_pair(features[source[n]], batch.region[n], batch.masked[n]) for n in pairs]).mean()
+    recon = torch.stack(
+        [(reconstruction[b] - images[b]).abs().mean(dim=0)[batch.target_pixels[n]].mean() for n, b in enumerate(source)]
+    ).mean()
+    torch.testing.assert_close(feature_aggregation_loss(features, batch), fa)
+    torch.testing.assert_close(reconstruction_loss(reconstruction, images, batch), recon)
 
 
 def test_plain_masked_inputs_reconstruct_every_masked_non_padding_pixel():

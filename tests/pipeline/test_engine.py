@@ -320,9 +320,45 @@ def test_cmim_on_the_whole_image_scores_the_plain_forward_per_class(tiny_config,
     assert torch.equal(whole_x, plain_x)  # the same masked whole images, one per image
     assert isolated_x.shape[0] == pairs.valid.shape[0] > whole_x.shape[0]  # isolated: one input per pair
     assert plain_pairs.valid.shape[0] == whole_x.shape[0]  # plain scores one region per image
-    # whole: each pair is scored on its image's reconstruction, over one class's masked pixels
-    torch.testing.assert_close(recon.detach(), whole_recon[pairs.image_index])
+    # whole: each pair is scored on its image's row of the reconstruction, over one class's masked pixels
+    torch.testing.assert_close(recon.detach(), whole_recon)
+    assert torch.equal(pairs.forward_row, pairs.image_index)
     assert pairs.valid.any() and not torch.equal(
         pairs.region[pairs.valid], plain_pairs.region[pairs.image_index][pairs.valid]
     )
     assert not torch.isclose(whole_loss, plain_loss)
+
+
+@pytest.mark.parametrize("mim_input", ["isolated", "whole"])
+def test_feature_aggregation_trains_the_row_of_each_pair(tiny_config, monkeypatch, mim_input):
+    """In the step itself, with B = 4 and K = 2: FA's gradient reaches the features of each scored pair's own
+    input (isolated: one forward row per pair), or of its source image (whole: one row per image), and no
+    other row."""
+    import pipeline.engine as engine_module
+    from model.losses import downsample_mask
+
+    config = tiny_config("unimatch.threshold=0.0", "mim.weight=0", "smim.weight=0", "fa.weight=1", "mim.patch=4",
+                         "mim.max_classes=2", "fa.feature=decoder", f"mim.input={mim_input}")  # fmt: skip
+    engine = _engine(config, "s4mim")
+    seen = {}
+
+    def record_fa(features, batch, stop_grad, f=engine_module.feature_aggregation_loss):
+        features.retain_grad()
+        seen["features"], seen["batch"] = features, batch
+        return f(features, batch, stop_grad)
+
+    monkeypatch.setattr(engine_module, "feature_aggregation_loss", record_fa)
+    torch.manual_seed(3)
+    engine.train_step(*_batches(1, seed=2, b=4, classes=2)[0])  # 2 classes in 8 px blocks: most pairs score
+    features, batch = seen["features"], seen["batch"]
+    size = features.shape[-2:]
+    region, masked = downsample_mask(batch.region, size), downsample_mask(batch.masked, size)
+    scored = batch.valid & (region & masked).any(dim=(1, 2)) & (region & ~masked).any(dim=(1, 2))
+    pairs = torch.arange(scored.shape[0])
+    own_row = pairs if mim_input == "isolated" else batch.image_index
+    assert features.shape[0] == (scored.shape[0] if mim_input == "isolated" else 8)  # 4 labeled + 4 unlabeled
+    assert own_row[scored].unique().numel() >= 4  # several rows, from several images, for a wrong row to show
+    expected = torch.zeros(features.shape[0], dtype=torch.bool)
+    expected[own_row[scored]] = True
+    got = features.grad.abs().sum(dim=(1, 2, 3)) > 0
+    assert got.tolist() == expected.tolist()
