@@ -64,8 +64,12 @@ def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
         block.stride = 1
 
 
-def _slim_resnet18(width: int = 32) -> tv_resnet.ResNet:
-    """A ResNet-18 with every stage at half width (32-64-128-256 channels), for CPU presets."""
+SLIM_WIDTH = 32
+
+
+def _slim_resnet18(width: int = SLIM_WIDTH) -> tv_resnet.ResNet:
+    """A ResNet-18 whose stages have width, 2, 4 and 8 x width channels: half width (32-64-128-256) by
+    default, for CPU presets; 16 gives the quarter width of the cheap testbed."""
     net = tv_resnet.ResNet(tv_resnet.BasicBlock, [2, 2, 2, 2])
     norm = nn.BatchNorm2d
     net.inplanes = width
@@ -81,20 +85,23 @@ def _slim_resnet18(width: int = 32) -> tv_resnet.ResNet:
     return net
 
 
-def build_backbone(name: str, init: str = "none") -> ResNetEncoder:
+def build_backbone(name: str, init: str = "none", width: int = SLIM_WIDTH) -> ResNetEncoder:
     """Build a dilated ResNet encoder by name.
 
     ``init`` is ``none`` (random), ``imagenet`` (torchvision weights: needs the network or a warm
     torch hub cache) or the path of a local state dict (a ResNet or an encoder state dict).
+    ``width`` is the first stage's channels of ``resnet18_slim``; the other backbones have their own.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if width != SLIM_WIDTH and name != "resnet18_slim":
+        raise ValueError(f"backbone width {width} applies to resnet18_slim only, not {name}")
     if init == "imagenet" and name not in _IMAGENET_WEIGHTS:
         raise BackboneInitError(f"backbone {name} has no ImageNet weights; use --set model.init=none or a local file")
     weights = _load_imagenet(name) if init == "imagenet" else None
     builders: dict[str, Callable[[], tv_resnet.ResNet]] = {
         "resnet18": lambda: tv_resnet.resnet18(),
-        "resnet18_slim": _slim_resnet18,
+        "resnet18_slim": lambda: _slim_resnet18(width),
         "resnet50": lambda: tv_resnet.resnet50(replace_stride_with_dilation=[False, False, True]),
         "resnet101": lambda: tv_resnet.resnet101(replace_stride_with_dilation=[False, False, True]),
     }

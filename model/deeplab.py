@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backbones import build_backbone
+from model.backbones import SLIM_WIDTH, build_backbone
 
 
 @dataclass
@@ -86,9 +86,10 @@ class DeepLabV3Plus(nn.Module):
         fp_dropout: float = 0.5,
         reconstruction: bool = False,
         reconstruct_from: str = "decoder",
+        width: int = SLIM_WIDTH,
     ):
         super().__init__()
-        self.backbone = build_backbone(backbone, init)
+        self.backbone = build_backbone(backbone, init, width)
         self.aspp = ASPP(self.backbone.high_channels, aspp_channels, tuple(dilations))
         self.reduce = _conv_bn_relu(self.backbone.low_channels, low_level_channels)
         self.fuse = nn.Sequential(

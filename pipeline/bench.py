@@ -1,6 +1,7 @@
 """``s4mim bench`` / ``make bench``: what an S4MIM training step costs.
 
-    make bench                                  # CPU: shapes-1/8 model and batch, plus the Ray Train epoch
+    make bench                                  # CPU: shapes-1/8 model and batch, the shapes48 testbed's
+                                                # steps, and the Ray Train epoch
     s4mim bench --device cuda                   # GPU: DeepLabV3+ ResNet-101, crop 321, batch 8; torch only
 
 Each row is the median wall time of one training step after warm-up steps, on the same model
@@ -198,6 +199,40 @@ def time_rows_interleaved(rows: dict[str, tuple[Config, str]], batches: list, cl
     return out
 
 
+TESTBED = "shapes48-1/8"
+
+
+def _time_alone(config: Config, variant: str, runs: Path, steps: int, warmup: int, threads: int) -> float:
+    """Median step time of one row in this process at ``threads`` threads (a side-by-side lane)."""
+    torch.set_num_threads(threads)
+    batches, classes = dataset_batches(config, runs, 4)
+    return time_row(config, variant, batches, classes, torch.device("cpu"), steps, warmup)["median_s"]
+
+
+def testbed_rows(runs: Path, steps: int, warmup: int, lanes: int = 2, overrides: dict | None = None) -> dict:
+    """The cheap testbed's steps as its runs train: one thread each, ``lanes`` processes side by side.
+
+    Each lane times the same row at the same moment as the others, so the median holds the slowdown
+    they cause each other; ``effective_s`` is the machine's time per step, the median over the lanes.
+    """
+    import multiprocessing
+
+    out = {}
+    for variant in ("supervised", "unimatch"):
+        # loader_workers 0: a pool's processes may not start their own, and the timed steps read batches in memory
+        extra = {**MEASURED, **(overrides or {}), "variant": variant, "data.loader_workers": 0}
+        config = apply_overrides(load_preset(TESTBED), extra)
+        dataset_batches(config, runs, 1)  # prepare the data once, before the lanes read it
+        with multiprocessing.get_context("spawn").Pool(lanes) as pool:
+            medians = pool.starmap(_time_alone, [(config, variant, runs, steps, warmup, 1)] * lanes)
+        lane = statistics.median(medians)
+        images = config.data.batch_size * (1 if variant == "supervised" else 2)
+        out[f"{TESTBED} {variant}, {lanes} lanes of 1 thread"] = {
+            "median_s": lane, "effective_s": lane / lanes, "img_per_s": images * lanes / lane, "steps": steps,
+        }  # fmt: skip
+    return out
+
+
 def ray_epoch_ratio(config: Config, runs: Path, steps: int, repeats: int = 2) -> dict:
     """One train epoch as a 1-worker TorchTrainer against the same epoch in this process.
 
@@ -282,6 +317,10 @@ def run_bench(device: str, steps: int, warmup: int, out: Path, *, compile_model:
             rows["s4mim_decoder_head"]["median_s"] / rows["unimatch"]["median_s"]
         )
         report["unimatch_over_supervised"] = rows["unimatch"]["median_s"] / rows["supervised"]["median_s"]
+        say(f"  {TESTBED}: supervised and unimatch steps, 2 runs side by side at 1 thread ...")
+        report["testbed"] = testbed_rows(runs, steps, warmup, overrides=TINY if tiny else None)
+        testbed = report["testbed"][f"{TESTBED} unimatch, 2 lanes of 1 thread"]
+        report["testbed_unimatch_over_unimatch"] = testbed["effective_s"] / rows["unimatch"]["median_s"]
         say("  profile of the s4mim step ...")
         report["s4mim_phases_ms"] = profile_phases(apply_overrides(config, MEASURED), batches, classes, dev)
         if with_ray:
@@ -309,9 +348,15 @@ def print_report(report: dict) -> None:
     say(f"{'row':<40} {'median ms':>10} {'img/s':>8}")
     for name, row in report["rows"].items():
         say(f"{name:<40} {row['median_s'] * 1000:>10.1f} {row['img_per_s']:>8.1f}")
+    for name, row in report.get("testbed", {}).items():
+        machine_ms = row["effective_s"] * 1000
+        say(
+            f"{name:<40} {row['median_s'] * 1000:>10.1f} {row['img_per_s']:>8.1f}  ({machine_ms:.1f} ms of the machine)"
+        )
     if "s4mim_phases_ms" in report:
         say("s4mim step, ms per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in report["s4mim_phases_ms"].items()))
-    ratios = ("s4mim_over_unimatch", "s4mim_decoder_head_over_unimatch", "unimatch_over_supervised", "ray_epoch_ratio")
+    ratios = ("s4mim_over_unimatch", "s4mim_decoder_head_over_unimatch", "unimatch_over_supervised",
+              "testbed_unimatch_over_unimatch", "ray_epoch_ratio")  # fmt: skip
     for key in (*ratios, "peak_rss_gb"):
         if key in report:
             say(f"{key}: {report[key]:.3f}")

@@ -73,11 +73,23 @@ class ModelConfig(Section):
         description="Backbone initialisation: none (random), imagenet (torchvision weights; needs the "
         "network or a cached copy) or the path of a local state dict.",
     )
+    width: int = Field(
+        32,
+        ge=4,
+        description="resnet18_slim only: channels of its first stage (the others have 2, 4 and 8 times as many). "
+        "32 is half a ResNet-18; 16, a quarter, makes a step several times cheaper.",
+    )
     aspp_channels: int = Field(256, ge=8, description="Channels of the ASPP branches and output.")
     decoder_channels: int = Field(256, ge=8, description="Channels of the stride-4 decoder features (F).")
     low_level_channels: int = Field(48, ge=4, description="Channels the stride-4 encoder features are reduced to.")
     dilations: tuple[int, int, int] = Field((6, 12, 18), description="ASPP atrous rates at output stride 16.")
     fp_dropout: float = Field(0.5, ge=0, lt=1, description="Dropout2d rate of UniMatch's feature perturbation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.width != 32 and self.backbone != "resnet18_slim":
+            raise ValueError(f"model.width applies to resnet18_slim only; {self.backbone} has fixed widths")
+        return self
 
 
 class LossConfig(Section):
@@ -211,6 +223,16 @@ class StageConfig(Section):
     )
 
 
+class TrainStageConfig(StageConfig):
+    match: Literal["steps", "epochs"] = Field(
+        "steps",
+        description="variant=supervised only: the budget it is matched to. steps: as many steps as the "
+        "semi-supervised runs (the stricter baseline); epochs: as many passes over the labeled set as they make "
+        "over the unlabeled set, as UniMatch's supervised baseline runs (each epoch of steps_per_epoch steps "
+        "shrinks by labeled/unlabeled). Needs steps_per_epoch.",
+    )
+
+
 class EvalConfig(Section):
     mode: Literal["original", "center_crop", "sliding_window"] = Field(
         "original", description="original: whole image (VOC); center_crop; sliding_window (Cityscapes)."
@@ -274,8 +296,8 @@ class Config(Section):
     warmup: StageConfig = Field(
         default_factory=lambda: StageConfig(epochs=40), description="Teacher warmup: supervised, labeled split only."
     )
-    train: StageConfig = Field(
-        default_factory=lambda: StageConfig(epochs=80), description="Semi-supervised training from the teacher."
+    train: TrainStageConfig = Field(
+        default_factory=lambda: TrainStageConfig(epochs=80), description="Semi-supervised training from the teacher."
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers and resources.")
@@ -285,6 +307,11 @@ class Config(Section):
     def _check(self) -> Config:
         if self.variant == "s4mim" and self.fa.weight > 0 and self.mim.mode == "none":
             raise ValueError("fa.weight > 0 needs masked inputs: set mim.mode to classwise or plain, or fa.weight=0")
+        if self.train.match == "epochs" and (self.variant != "supervised" or self.train.steps_per_epoch is None):
+            raise ValueError(
+                "train.match=epochs matches a supervised baseline to a semi-supervised budget: it needs "
+                "variant=supervised and train.steps_per_epoch (the semi-supervised epoch)"
+            )
         return self
 
     def terms(self, variant: str | None = None) -> frozenset[str]:

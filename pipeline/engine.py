@@ -56,6 +56,7 @@ def build_model(config: Config, num_classes: int, *, reconstruction: bool | None
         num_classes,
         backbone=m.backbone,
         init=m.init,
+        width=m.width,
         aspp_channels=m.aspp_channels,
         decoder_channels=m.decoder_channels,
         low_level_channels=m.low_level_channels,

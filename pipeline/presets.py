@@ -4,6 +4,8 @@
   the 10,582 blended set unlabeled.
 - ``voc-1/16 … voc-1/2``: blended split, labeled ids drawn from all 10,582.
 - ``cityscapes-1/16 … 1/2`` and ``shapes-1/16 … 1/2``.
+- ``shapes48-1/32 … 1/8``: the cheap testbed on the same data (quarter-width encoder, crop 48, budgets
+  in steps), where runs train to convergence on a CPU.
 
 VOC and Cityscapes follow UniMatch's published recipe (DeepLabV3+ ResNet-101, ImageNet init,
 crop 321 / 801, 8 / 8 images a step over 4 GPUs, lr 0.001 / 0.005). ``shapes`` presets are sized
@@ -19,6 +21,7 @@ from pipeline.config import Config, apply_overrides, read_json_object, validate_
 from pipeline.errors import UsageError
 
 FRACTIONS = ("1/16", "1/8", "1/4", "1/2")
+TESTBED_FRACTIONS = ("1/32", "1/16", "1/8")
 VOC_COUNTS = ("92", "183", "366", "732", "1464")
 
 
@@ -74,6 +77,21 @@ def _shapes(split: str) -> dict:
     }  # fmt: skip
 
 
+def _shapes48(split: str) -> dict:
+    """The cheap testbed: the shapes data at a fifth of shapes-1/8's step cost or less, so that runs can train
+    to convergence on a CPU (docs/shapes.md, "The cheap testbed"; docs/bench.md for the cost)."""
+    return _merge(_shapes(split), {
+        "data": {"crop": 48},
+        "model": {"width": 16, "aspp_channels": 32, "decoder_channels": 32, "low_level_channels": 12},
+        "mim": {"patch": 6, "min_pixels": 9},
+        # Budgets in steps, with val mIoU every 500 steps: long enough that the supervised continuation
+        # has stopped rising (docs/shapes.md). One thread per run; two runs side by side fill 2 cores.
+        "warmup": {"epochs": 10, "steps_per_epoch": 200, "eval_every": 5},
+        "train": {"epochs": 40, "steps_per_epoch": 500},
+        "scaling": {"cpus_per_worker": 1},
+    })  # fmt: skip
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -91,6 +109,8 @@ def _builtin() -> dict[str, dict]:
         table[f"cityscapes-{frac}"] = _cityscapes(frac)
     for frac in FRACTIONS:
         table[f"shapes-{frac}"] = _shapes(frac)
+    for frac in TESTBED_FRACTIONS:
+        table[f"shapes48-{frac}"] = _shapes48(frac)
     return {name: _merge(spec, {"preset": name}) for name, spec in table.items()}
 
 

@@ -159,6 +159,14 @@ def val_loader(config: Config, manifest: Manifest, split: Split, rank: int, worl
     return DataLoader(val_set, batch_sampler=batches, num_workers=workers, worker_init_fn=ignore_interrupts)
 
 
+def epoch_matched_steps(steps_per_epoch: int, split: Split, images_per_step: int) -> int:
+    """The supervised steps that cover the labeled set as often as ``steps_per_epoch`` semi-supervised steps
+    cover the unlabeled set: the epoch-matched protocol of UniMatch's supervised baseline."""
+    labeled_pass = max(1, len(split.labeled) // images_per_step)
+    unlabeled_pass = max(1, len(split.unlabeled) // images_per_step)
+    return max(1, round(steps_per_epoch * labeled_pass / unlabeled_pass))
+
+
 def gather(obj) -> list:
     if not is_distributed():
         return [obj]
@@ -182,7 +190,10 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
 
     manifest = Manifest.read(inputs.manifest)
     split = read_split(inputs.split_dir)
-    data = build_data(config, manifest, split, variant, ctx.rank, ctx.world_size, schedule.steps_per_epoch)
+    steps_per_epoch = schedule.steps_per_epoch
+    if stage == "train" and config.train.match == "epochs" and steps_per_epoch is not None:
+        steps_per_epoch = epoch_matched_steps(steps_per_epoch, split, config.data.batch_size * ctx.world_size)
+    data = build_data(config, manifest, split, variant, ctx.rank, ctx.world_size, steps_per_epoch)
 
     model = build_model(config, manifest.num_classes, reconstruction="cmim" in config.terms(variant))
     if inputs.init_checkpoint is not None:
@@ -193,13 +204,13 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         variant=variant, total_steps=schedule.epochs * data.steps, lr=schedule.lr,
     )  # fmt: skip
     torch.manual_seed(config.seed + 7919 * ctx.rank)  # ranks draw their own masks and dropout
-    start_epoch, best_miou, last = 0, -1.0, {}
+    start_epoch, best_miou, last, curve = 0, -1.0, {}, []
     state = ctx.restore()
     if state is not None:
         engine.load_state_dict(state["engine"])
         set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
-        last = state.get("metrics", {})
+        last, curve = state.get("metrics", {}), state.get("curve", [])
 
     epoch_seconds = []
     for epoch in range(start_epoch, schedule.epochs):
@@ -214,6 +225,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
             metrics["val/miou"] = mean_iou(confusion)
             is_best = metrics["val/miou"] > best_miou
             best_miou = max(best_miou, metrics["val/miou"])
+            curve = [*curve, {"epoch": epoch + 1, "step": engine.step, "val/miou": metrics["val/miou"]}]
         metrics["val/best_miou"] = best_miou
         checkpoint = {
             "engine": engine.state_dict(),
@@ -221,6 +233,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
             "epoch": epoch,
             "best_miou": best_miou,
             "metrics": metrics,
+            "curve": curve,
             "stage": stage,
             "variant": variant,
             "config": config.model_dump(mode="json"),
@@ -238,6 +251,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         "metrics": last,
         "epochs": schedule.epochs,
         "steps_per_epoch": data.steps,
+        "curve": curve,  # val mIoU at each evaluation, with the step it came after
         "epoch_seconds": epoch_seconds,
         "seconds": time.perf_counter() - started,
     }

@@ -32,6 +32,13 @@ def test_bench_smoke_prints_json_last_and_writes_results(capsys, runs, tiny_shap
 
     phases = report["s4mim_phases_ms"]
     assert all(phases[p] > 0 for p in PHASES) and phases["step_wall"] > 0
+    testbed = report["testbed"]
+    assert set(testbed) == {
+        "shapes48-1/8 supervised, 2 lanes of 1 thread",
+        "shapes48-1/8 unimatch, 2 lanes of 1 thread",
+    }
+    assert all(row["effective_s"] == row["median_s"] / 2 > 0 for row in testbed.values())
+    assert report["testbed_unimatch_over_unimatch"] > 0
     assert report["peak_rss_gb"] > 0 and report["git_sha"] and report["machine"]["cpus"]
     assert json.loads(out.read_text())["cpu"] == report
 

@@ -106,3 +106,16 @@ def test_reconstruction_head_reads_the_features_it_was_built_for(source, monkeyp
 def test_unknown_reconstruction_source_is_refused():
     with pytest.raises(ValueError, match="decoder or encoder"):
         _tiny(reconstruction=True, reconstruct_from="aspp")
+
+
+def test_slim_width_sets_every_stage_and_other_backbones_refuse_it():
+    encoder = build_backbone("resnet18_slim", width=16)
+    low, high = encoder(torch.randn(1, 3, 48, 48))
+    assert (encoder.low_channels, encoder.high_channels) == (16, 128)
+    assert low.shape[-2:] == (12, 12) and high.shape[-2:] == (3, 3)  # output stride 16 at any width
+    assert (
+        sum(p.numel() for p in encoder.parameters())
+        < sum(p.numel() for p in build_backbone("resnet18_slim").parameters()) / 3
+    )
+    with pytest.raises(ValueError, match="resnet18_slim only"):
+        build_backbone("resnet18", width=16)

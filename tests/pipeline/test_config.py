@@ -13,6 +13,7 @@ EXPECTED = (
     + [f"voc-1/{n}" for n in (16, 8, 4, 2)]
     + [f"cityscapes-1/{n}" for n in (16, 8, 4, 2)]
     + [f"shapes-1/{n}" for n in (16, 8, 4, 2)]
+    + [f"shapes48-1/{n}" for n in (32, 16, 8)]
 )
 
 
@@ -90,3 +91,17 @@ def test_preset_files(tmp_path):
     broken.write_text('{"base": "shapes-1/8", "set": {"mim.nope": 1}}')
     with pytest.raises(UsageError, match="unknown key mim.nope"):
         load_preset(str(broken))
+
+
+def test_testbed_presets_and_their_knobs():
+    for split in ("1/32", "1/16", "1/8"):
+        config = load_preset(f"shapes48-{split}")
+        assert (config.data.split, config.data.crop, config.model.width) == (split, 48, 16)
+    with pytest.raises(UsageError, match="model.width applies to resnet18_slim only"):
+        load_preset("voc-1/8", ["model.width=16"])
+    with pytest.raises(UsageError, match="train.match=epochs .* needs variant=supervised"):
+        load_preset("shapes48-1/8", ["train.match=epochs"])
+    with pytest.raises(UsageError, match="train.steps_per_epoch"):
+        load_preset("shapes-1/8", ["variant=supervised", "train.match=epochs", "train.steps_per_epoch=null"])
+    matched = load_preset("shapes48-1/8", ["variant=supervised", "train.match=epochs"])
+    assert matched.stage_hash("train") != load_preset("shapes48-1/8", ["variant=supervised"]).stage_hash("train")

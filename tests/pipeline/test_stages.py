@@ -49,6 +49,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_config, runs, tmp_pa
     for name, tensor in a["engine"]["model"].items():
         assert torch.equal(tensor, b["engine"]["model"][name]), name
     assert resumed["metrics"]["val/miou"] == straight["metrics"]["val/miou"]
+    assert resumed["curve"] == straight["curve"] and len(straight["curve"]) == 2  # the resumed run keeps epoch 1's
 
 
 def test_pipeline_run_then_cached_then_forced(capsys, tiny_config, runs, tiny_shapes):
@@ -88,3 +89,26 @@ def test_pipeline_run_then_cached_then_forced(capsys, tiny_config, runs, tiny_sh
     assert code == 0, err
     assert "\nwarmup     cached" in summary and "shapes-1_8/warmup-" in summary and "\ntrain      ran" in summary
     assert "derived/train-" in summary
+
+
+def test_epoch_matched_supervised_covers_the_labeled_set_as_often_as_unimatch_the_unlabeled(
+    tiny_config, runs, tmp_path
+):
+    from data_prep.splits import read_split
+    from pipeline.stages import epoch_matched_steps
+
+    config = tiny_config("train.epochs=2", "train.steps_per_epoch=6", "variant=supervised", "train.match=epochs")
+    prepared = prepare_stage(config, runs)
+    split = read_split(prepared.split_dir)
+    labeled_pass, unlabeled_pass = len(split.labeled) // 4, len(split.unlabeled) // 4  # batch 4
+    assert labeled_pass < unlabeled_pass
+    expected = round(6 * labeled_pass / unlabeled_pass)
+    assert epoch_matched_steps(6, split, 4) == expected
+    result = _fit(config, tmp_path / "sup", prepared)
+    assert result["steps_per_epoch"] == expected
+    # The curve: val mIoU after each epoch, at the step it came after.
+    assert [(p["epoch"], p["step"]) for p in result["curve"]] == [(1, expected), (2, 2 * expected)]
+    assert result["curve"][-1]["val/miou"] == result["metrics"]["val/miou"]
+    step_matched = _fit(tiny_config("train.epochs=1", "train.steps_per_epoch=6", "variant=supervised"),
+                        tmp_path / "steps", prepared)  # fmt: skip
+    assert step_matched["steps_per_epoch"] == 6
