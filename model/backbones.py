@@ -126,8 +126,8 @@ def check_init(name: str, init: str) -> None:
                 f"backbone {name} has no ImageNet weights; use --set model.init=none or a local file"
             )
         _load_imagenet(name)
-    elif not Path(init).is_file():
-        raise BackboneInitError(f"model.init={init}: no such file; give 'none', 'imagenet' or a local state dict path")
+    else:
+        _read_state(Path(init))
 
 
 def _load_imagenet(name: str) -> dict[str, torch.Tensor]:
@@ -142,12 +142,26 @@ def _load_imagenet(name: str) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _load_local(encoder: ResNetEncoder, net: tv_resnet.ResNet, path: Path) -> None:
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a local weights file, or a BackboneInitError that names the file and the cause."""
     if not path.is_file():
         raise BackboneInitError(f"model.init={path}: no such file; give 'none', 'imagenet' or a local state dict path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch raise several types for a file that is not a checkpoint
+        raise BackboneInitError(
+            f"model.init={path}: not a torch weights file ({type(exc).__name__}); give a state dict saved "
+            "with torch.save, or model.init=none"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneInitError(f"model.init={path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_local(encoder: ResNetEncoder, net: tv_resnet.ResNet, path: Path) -> None:
+    state = _read_state(path)
     try:
         if any(k.startswith("stem.") for k in state):
             encoder.load_state_dict(state)

@@ -185,8 +185,9 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
     """The backend for this command, after checking everything it needs, before any training."""
     from model.backbones import check_init
     from pipeline.paths import require_writable
+    from pipeline.standin import resolved_init
 
-    check_init(config.model.backbone, config.model.init)
+    check_init(config.model.backbone, resolved_init(config.model))
     require_writable(runs)
     if local or _under_torchrun():
         from pipeline.local import LocalBackend
@@ -320,6 +321,24 @@ def evaluate(
         for name, value in result["iou"].items():
             typer.echo(f"  {name:<24} {value:6.2f}")
         typer.echo(f"mIoU {result['miou']:.2f}")
+
+
+@app.command()
+def pretrain(
+    preset: PresetArg,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Build it again even where a current one exists.")] = False,
+) -> None:
+    """The ImageNet stand-in for the preset's backbone (model.init=standin): pretrained on a synthetic corpus."""
+    from pipeline.paths import require_writable
+    from pipeline.standin import pretrain as build
+
+    config = _config(preset, set_)
+    runs = _runs()
+    require_writable(runs)
+    result = build(config.model.backbone, config.model.width, runs, force=force, log=typer.echo)
+    accuracies = ", ".join(f"{k} {v:.1f}%" for k, v in result["val_accuracy"].items())
+    typer.echo(f"[pretrain] stand-in {result['folder']} (val accuracy {accuracies}); use --set model.init=standin")
 
 
 @pipeline_app.command("run")

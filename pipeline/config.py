@@ -71,7 +71,8 @@ class ModelConfig(Section):
     init: str = Field(
         "none",
         description="Backbone initialisation: none (random), imagenet (torchvision weights; needs the "
-        "network or a cached copy) or the path of a local state dict.",
+        "network or a cached copy), standin (the ImageNet stand-in of s4mim pretrain, pretrained on a synthetic "
+        "classification corpus) or the path of a local state dict.",
     )
     width: int = Field(
         32,
@@ -359,6 +360,10 @@ class Config(Section):
             }
         if stage == "evaluate":
             parts["eval"] = self.eval.model_dump()
+        if self.model.init == "standin":  # the weights it names change when the stand-in is rebuilt
+            from pipeline.standin import file_digest, resolve
+
+            parts["standin"] = file_digest(resolve(self.model.backbone, self.model.width))
         blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
         config = hashlib.sha256(blob.encode()).hexdigest()[:12]
         return {"config": config, "inputs": inputs, "code": code_fingerprint(stage)}

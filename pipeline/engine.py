@@ -49,13 +49,15 @@ LOSS_METRICS = ("loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "
 
 def build_model(config: Config, num_classes: int, *, reconstruction: bool | None = None) -> DeepLabV3Plus:
     """DeepLabV3+ from the config; the reconstruction head exists only where CMIM uses it."""
+    from pipeline.standin import resolved_init
+
     m = config.model
     if reconstruction is None:
         reconstruction = "cmim" in config.terms()
     return DeepLabV3Plus(
         num_classes,
         backbone=m.backbone,
-        init=m.init,
+        init=resolved_init(m),
         width=m.width,
         aspp_channels=m.aspp_channels,
         decoder_channels=m.decoder_channels,

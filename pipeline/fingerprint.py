@@ -22,6 +22,13 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "warmup": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
     "train": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
     "evaluate": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
+    "pretrain": (
+        "model/backbones.py",
+        "data_prep/corpus.py",
+        "data_prep/shapes.py",
+        "data_prep/augment.py",
+        "pipeline/standin.py",
+    ),
 }
 
 

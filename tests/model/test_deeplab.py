@@ -51,6 +51,9 @@ def test_local_file_init(tmp_path):
         build_backbone("resnet18_slim", str(tmp_path / "missing.pth"))
     with pytest.raises(BackboneInitError, match="does not fit"):
         build_backbone("resnet50", str(path))
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(BackboneInitError, match="not a torch weights file"):
+        build_backbone("resnet18_slim", str(tmp_path / "notes.pth"))
 
 
 def _tiny(**kwargs) -> DeepLabV3Plus:
