@@ -1,8 +1,9 @@
 """``s4mim quality`` / ``make quality``: the S4MIM ablation at 1/8 labels on ``shapes``.
 
-    make quality                         # 6 variants x 3 seeds; hours on a 2-core CPU; resumable
+    make quality                         # 7 variants x 3 seeds; hours on a 2-core CPU; resumable
     s4mim quality --seeds 0 --epochs 2   # a shorter look
     s4mim quality --synth-seed 1         # on held-out data: shapes generated with seed 1
+    s4mim quality --regime testbed --baselines --split 1/16   # the testbed's baselines at 1/16 labels
 
 Generator seed 0 is the development data on which every setting is chosen; seeds 1 and 2 generate
 held-out datasets of the same design, for confirming those choices. Each writes its own table:
@@ -28,27 +29,37 @@ from data_prep.atomic import atomic_path, write_text
 from pipeline.console import say
 
 VARIANTS = {
-    "supervised": {"variant": "supervised"},
+    # The bar: the supervised continuation of the same teacher for the same number of steps.
+    "supervised (step-matched)": {"variant": "supervised"},
+    # The published SupBaseline's protocol: as many passes over the labeled set as the others make over the
+    # unlabeled set, which is far fewer steps at few labels.
+    "supervised (epoch-matched)": {"variant": "supervised", "train.match": "epochs"},
     "unimatch": {"variant": "unimatch"},
     "unimatch + plain MIM": {"variant": "s4mim", "mim.mode": "plain", "fa.weight": 0, "smim.weight": 0},
     "unimatch + CMIM": {"variant": "s4mim", "mim.mode": "classwise", "fa.weight": 0, "smim.weight": 0},
     "unimatch + CMIM + FA": {"variant": "s4mim", "mim.mode": "classwise", "smim.weight": 0},
     "s4mim (CMIM + FA + SMIM)": {"variant": "s4mim"},
 }
+BASELINES = ("supervised (step-matched)", "supervised (epoch-matched)", "unimatch")
+# The regimes quality runs: the presets (by labeled split) of each.
+REGIMES = {"short": "shapes", "testbed": "shapes48"}
 EXPERIMENT = "s4mim-quality"
 # Keys each (variant, seed) run sets itself; --set may not change them.
-CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "tracking.experiment", "mim.mode",
-              "fa.weight", "smim.weight", "data.synth_seed"}  # fmt: skip
+CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "train.match", "tracking.experiment",
+              "mim.mode", "fa.weight", "smim.weight", "data.synth_seed"}  # fmt: skip
 
 
-def preset_for(split: str) -> str:
-    from pipeline.presets import FRACTIONS
+def preset_for(split: str, regime: str = "short") -> str:
+    """The preset of a regime at a labeled split: shapes-1/8 (short), shapes48-1/8 (testbed)."""
+    from pipeline.errors import UsageError
+    from pipeline.presets import FRACTIONS, TESTBED_FRACTIONS
 
-    if split not in FRACTIONS:
-        from pipeline.errors import UsageError
-
-        raise UsageError(f"--split {split}: choose one of {', '.join(FRACTIONS)}")
-    return f"shapes-{split}"
+    if regime not in REGIMES:
+        raise UsageError(f"--regime {regime}: choose one of {', '.join(REGIMES)}")
+    fractions = TESTBED_FRACTIONS if regime == "testbed" else FRACTIONS
+    if split not in fractions:
+        raise UsageError(f"--split {split}: the {regime} regime has {', '.join(fractions)}")
+    return f"{REGIMES[regime]}-{split}"
 
 
 @dataclass
@@ -58,6 +69,7 @@ class Cell:
     seconds: dict[int, float] = field(default_factory=dict)
     final: dict[int, float] = field(default_factory=dict)  # seed -> val mIoU after the last epoch
     iou: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> per-class IoU of the best checkpoint
+    curve: dict[int, list[dict]] = field(default_factory=dict)  # seed -> the train stage's val mIoU at each eval
 
     @property
     def mean(self) -> float:
@@ -80,14 +92,14 @@ def budget_overrides(epochs: int, steps: int) -> dict:
     return {"train.epochs": epochs, "train.steps_per_epoch": steps, "tracking.experiment": EXPERIMENT}
 
 
-def cell_configs(base, seeds: list[int], epochs: int, steps: int) -> list[tuple[str, int, object]]:
-    """(variant name, seed, config) of every run of the ablation, seed by seed."""
+def cell_configs(base, seeds: list[int], epochs: int, steps: int, variants=None) -> list[tuple[str, int, object]]:
+    """(variant name, seed, config) of every run of the ablation (or of ``variants``), seed by seed."""
     from pipeline.config import apply_overrides
 
     return [
-        (name, seed, apply_overrides(base, {**budget_overrides(epochs, steps), **overrides, "seed": seed}))
+        (name, seed, apply_overrides(base, {**budget_overrides(epochs, steps), **VARIANTS[name], "seed": seed}))
         for seed in seeds
-        for name, overrides in VARIANTS.items()
+        for name in variants or VARIANTS
     ]
 
 
@@ -179,7 +191,7 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
 
 
 def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, backend, *, jobs: int = 1,
-                target: list[str] | None = None):  # fmt: skip
+                target: list[str] | None = None, variants=None):  # fmt: skip
     """Run (or find cached) every (variant, seed) pipeline of ``base`` under the fixed budget.
 
     With ``jobs`` > 1 the runs train side by side first (``run_side_by_side``); the pass over the
@@ -188,10 +200,10 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
     from pipeline.orchestrate import run_pipeline
 
     started = time.perf_counter()
-    planned = cell_configs(base, seeds, epochs, steps)
+    planned = cell_configs(base, seeds, epochs, steps, variants)
     if jobs > 1:
         run_side_by_side(planned, runs, jobs, target or [])
-    cells = {name: Cell(name) for name in VARIANTS}
+    cells = {name: Cell(name) for name in variants or VARIANTS}
     warmup: dict[int, float] = {}
     for name, seed, config in planned:
         say(f"== {name}, seed {seed}")
@@ -209,6 +221,8 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
         per_class = evaluate.result.get("iou")
         if per_class:
             cells[name].iou[seed] = per_class
+        if train.result.get("curve"):
+            cells[name].curve[seed] = train.result["curve"]
         cells[name].seconds[seed] = time.perf_counter() - t0
         say(f"   val mIoU {evaluate.miou:.2f}")
     return list(cells.values()), warmup, time.perf_counter() - started
@@ -226,8 +240,10 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         "",
         f"Every row trains the `{base.preset}` model for the same budget: {epochs} epochs of {steps} steps "
         f"(batch {base.data.batch_size} labeled + {base.data.batch_size} unlabeled images a step) from the same "
-        "warmup teacher of its seed, with the preset's recipe; only the loss terms differ. `supervised` spends "
-        "the budget on the labeled images alone. Seeds change model initialisation, sampling and augmentation; "
+        "warmup teacher of its seed, with the preset's recipe; only the loss terms differ. `supervised "
+        "(step-matched)` spends the same steps on the labeled images alone; `supervised (epoch-matched)` makes as "
+        "many passes over the labeled images as the others make over the unlabeled ones, as the published "
+        "supervised baselines do (fewer steps). Seeds change model initialisation, sampling and augmentation; "
         f"the labeled split ({base.data.split} of the train images, class-aware draw, split seed "
         f"{base.data.split_seed}) and the data are fixed. Scores are val mIoU (evaluation mode "
         f"`{base.eval.mode}`) of each run's best checkpoint.",
@@ -261,7 +277,11 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
                   "|---|" + "---:|" * len(with_iou)]  # fmt: skip
         for name in classes:
             lines.append(f"| {name} | " + " | ".join(f"{cell.class_mean(name):.1f}" for cell in with_iou) + " |")
-    lines += ["", f"![val mIoU per variant]({results_path(base, Path('.')).with_suffix('.png').name})", ""]
+    chart = results_path(base, Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
+    lines += ["", f"![val mIoU per variant]({chart})", ""]
+    if any(cell.curve for cell in cells):
+        lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
+                  f"![learning curves]({chart.replace('.png', '-curves.png')})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -297,10 +317,42 @@ def bar_chart(cells: list[Cell], title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def results_path(base, docs: Path) -> Path:
+def curves_chart(cells: list[Cell], title: str, out: Path) -> None:
+    """Val mIoU against train step per variant: the mean over seeds, and their range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    for cell in cells:
+        if not cell.curve:
+            continue
+        length = min(len(curve) for curve in cell.curve.values())  # seeds still running have fewer points
+        steps = [point["step"] for point in next(iter(cell.curve.values()))[:length]]
+        values = [[curve[i]["val/miou"] for curve in cell.curve.values()] for i in range(length)]
+        (line,) = ax.plot(steps, [statistics.mean(v) for v in values], label=cell.variant, lw=1.4)
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("train step")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title(f"{title}: val mIoU during training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
     """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
-    a split other than 1/8 adds its fraction (results-1_16.md)."""
+    the testbed regime adds -testbed, a baselines-only run -baselines, and a split other than 1/8 its fraction
+    (results-testbed-1_16.md)."""
     name = "results"
+    if base.preset.startswith(REGIMES["testbed"] + "-"):
+        name += "-testbed"
+    if baselines_only:
+        name += "-baselines"
     if base.data.split != "1/8":
         name += "-" + base.data.split.replace("/", "_")
     if base.data.synth_seed:
@@ -310,8 +362,10 @@ def results_path(base, docs: Path) -> Path:
 
 def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path, sha: str) -> Path:
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
-    path = results_path(base, docs)
+    path = results_path(base, docs, len(cells) < len(VARIANTS))
     bar_chart(cells, base.preset, path.with_suffix(".png"))
+    if any(cell.curve for cell in cells):
+        curves_chart(cells, base.preset, path.with_name(path.stem + "-curves.png"))
     text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou)
     write_text(path, text + kept_notes(path))
     return path

@@ -1,6 +1,7 @@
 """``s4mim quality`` on tiny settings, and the results table it writes."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -46,11 +47,33 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     assert (
         "OLD" not in again and again.endswith(f"{KEEP_MARKER}\n## Diagnosis\nkept\n") and again.count(KEEP_MARKER) == 1
     )
-    image = decode_png(read_file(str(docs / "results-1_4.png")))
-    assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
-    # every variant ran as its own pipeline: six train stages, one shared warmup
+    for chart in ("results-1_4.png", "results-1_4-curves.png"):
+        image = decode_png(read_file(str(docs / chart)))
+        assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
+    assert "(results-1_4-curves.png)" in again
+    # every variant ran as its own pipeline: a train stage each, one shared warmup
     stages = runs / "stages" / "shapes-1_8"
     assert len(list(stages.glob("train-*"))) == len(VARIANTS) and len(list(stages.glob("warmup-*"))) == 1
+
+
+def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
+    from pipeline.errors import UsageError
+    from pipeline.presets import load_preset
+    from pipeline.quality import BASELINES, cell_configs, preset_for, results_path
+
+    assert preset_for("1/8") == "shapes-1/8" and preset_for("1/32", "testbed") == "shapes48-1/32"
+    with pytest.raises(UsageError, match="the testbed regime has 1/32, 1/16, 1/8"):
+        preset_for("1/2", "testbed")
+    with pytest.raises(UsageError, match="choose one of short, testbed"):
+        preset_for("1/8", "long")
+    base = load_preset("shapes48-1/16")
+    cells = cell_configs(base, [0, 1], base.train.epochs, base.train.steps_per_epoch, BASELINES)
+    assert [(name, seed) for name, seed, _ in cells] == [(n, s) for s in (0, 1) for n in BASELINES]
+    matched = {name: config for name, seed, config in cells if seed == 0}
+    assert matched["supervised (epoch-matched)"].train.match == "epochs"
+    assert matched["supervised (step-matched)"].train.match == "steps"
+    assert {c.train.epochs * c.train.steps_per_epoch for c in matched.values()} == {20_000}
+    assert results_path(base, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_16.md")
 
 
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
@@ -92,7 +115,7 @@ def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     args = ["quality", "--local", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs)]
     proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "6 runs to train, 2 side by side with 1 thread(s) each" in proc.stdout
+    assert f"{len(VARIANTS)} runs to train, 2 side by side with 1 thread(s) each" in proc.stdout
     stages = runs / "stages" / "shapes-1_8"
     assert len(list(stages.glob("warmup-*"))) == 1 and len(list(stages.glob("train-*"))) == len(VARIANTS)
     logs = sorted(p.name for p in (runs / "quality" / "logs").iterdir())
