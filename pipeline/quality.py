@@ -121,7 +121,8 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
     for config in {c.data.model_dump_json(): c for _, _, c in cells}.values():
         prepare_stage(config, runs)  # data, manifest and split once, here, before any process could race for them
     folder = runs / "quality"
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     warmups, trains = {}, []
     for name, seed, config in cells:
         statuses = {s.name: s for s in plan(config, runs, [])}
@@ -129,17 +130,19 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
             continue
         config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"cpus_per_worker": threads})})
         words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # "unimatch + CMIM" -> unimatch-cmim
-        stem = f"{words}-seed{seed}-synth{config.data.synth_seed}-{config.data.split.replace('/', '_')}"
+        init = "" if config.model.init == "none" else f"-init-{re.sub(r'[^a-z0-9]+', '-', config.model.init.lower())}"
+        stem = f"{words}-seed{seed}-synth{config.data.synth_seed}-{re.sub(r'[^a-z0-9]+', '_', config.preset)}{init}"
         path = folder / f"{stem}.json"
         write_text(path, config.model_dump_json(indent=2) + "\n")
-        if statuses["warmup"].status != "cached":
+        if statuses["warmup"].status != "cached":  # one process per warmup stage, however many runs share it
             warmups.setdefault(
-                seed, (f"warmup of seed {seed}", ["warmup", str(path)], folder / "logs" / f"warmup-{stem}.log")
+                statuses["warmup"].folder,
+                (f"warmup of {config.preset}, seed {seed}", ["warmup", str(path)], logs / f"warmup-{stem}.log"),
             )
-        trains.append((f"{name}, seed {seed}", ["pipeline", "run", str(path)], folder / "logs" / f"{stem}.log"))
+        trains.append((f"{name}, seed {seed}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
     if not trains:
         return
-    say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {folder / 'logs'}")
+    say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {logs}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for batch in (list(warmups.values()), trains):
         _run_pool(batch, jobs, target, env)
