@@ -59,12 +59,21 @@ def test_pretrain_builds_once_and_model_init_standin_loads_it(runs, tiny_recipe,
     assert config.stage_hash("warmup") != before
 
 
+def test_the_shipped_stand_in_is_current_and_found():
+    from pipeline.standin import SHIPPED, find
+
+    shipped = SHIPPED / "resnet18_slim-w16" / "encoder.pt"
+    assert find("resnet18_slim", 16) == shipped  # its hash is the current code's: rebuild and ship it if not
+    result = json.loads((shipped.parent / "result.json").read_text())
+    assert result["bytes"] == shipped.stat().st_size and min(result["val_accuracy"].values()) > 50
+
+
 def test_a_missing_or_broken_stand_in_is_one_line_and_exit_2(tmp_path):
     from pipeline.standin import cache_folder
 
     env = {"S4MIM_RUNS": str(tmp_path / "runs"), "S4MIM_DATA": str(tmp_path / "data")}
     args = ["warmup", "shapes48-1/8", "--local", "--set", "model.init=standin"]
-    missing = run_s4mim(*args, env=env)
+    missing = run_s4mim(*args, "--set", "model.width=8", env=env)  # no stand-in is shipped at width 8
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().count("\n") == 0 and "s4mim pretrain" in missing.stderr
 
