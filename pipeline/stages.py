@@ -22,8 +22,6 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from torchvision.io import encode_png
-from torchvision.utils import make_grid
 
 from data_prep.augment import denormalize
 from data_prep.datasets import (
@@ -36,7 +34,6 @@ from data_prep.datasets import (
     size_grouped_batches,
 )
 from data_prep.manifest import Manifest
-from data_prep.palette import voc_palette
 from data_prep.splits import Split, read_split
 from model.masking import apply_patch_mask, patch_mask
 from pipeline.config import Config
@@ -272,39 +269,29 @@ def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: in
     writer.writerow(["class", "iou", "pixels"])
     for (name, value), pixels in zip(per_class.items(), confusion.sum(1).tolist()):
         writer.writerow([name, f"{value:.2f}", pixels])
-    grid = picture_grid(engine, val_set, config, has_head) if rank == 0 else b""
+    grid = picture_grid(engine, val_set, config, has_head, manifest.classes) if rank == 0 else b""
     return Evaluation(mean_iou(confusion), per_class, table.getvalue(), grid, confusion.cpu())
 
 
-def _colorize(label: torch.Tensor) -> torch.Tensor:
-    palette = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3) / 255
-    return palette[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
-
-
 @torch.no_grad()
-def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head: bool, side: int = 128) -> bytes:
-    """PNG rows of image | ground truth | prediction | reconstruction of a patch-masked copy."""
+def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head: bool, classes: list[str]) -> bytes:
+    """PNG rows of image | ground truth | prediction | reconstruction of a patch-masked copy, titled, with a
+    legend of the class colours (``pipeline.pictures``)."""
+    from pipeline.pictures import figure_png, grid_figure
+
     gen = torch.Generator().manual_seed(config.seed)
-    tiles = []
-    resize = lambda t, mode: torch.nn.functional.interpolate(t[None], size=(side, side), mode=mode)[0]  # noqa: E731
+    rows = []
     for index in range(min(config.eval.grid_images, len(val_set))):
         sample = val_set[index]
         image = sample["image"][None]
         pred = engine.predict(image, config.eval.mode, config.eval_crop, config.eval.stride).argmax(1)[0]
+        recon = None
         if has_head:
             h, w = image.shape[-2:]
             masked = patch_mask(1, h, w, config.mim.patch, config.mim.ratio, generator=gen)
-            recon = engine.model(apply_patch_mask(image, masked).to(engine.device), need_reconstruction=True)
-            recon = denormalize(recon.reconstruction[0].float().cpu())
-        else:
-            recon = torch.zeros(3, *image.shape[-2:])
-        tiles += [
-            resize(denormalize(image[0]), "bilinear"),
-            resize(_colorize(sample["label"]), "nearest"),
-            resize(_colorize(pred), "nearest"),
-            resize(recon, "bilinear"),
-        ]
-    if not tiles:
+            out = engine.model(apply_patch_mask(image, masked).to(engine.device), need_reconstruction=True)
+            recon = denormalize(out.reconstruction[0].float().cpu())
+        rows.append({"image": denormalize(image[0]), "label": sample["label"], "pred": pred.cpu(), "recon": recon})
+    if not rows:
         return b""
-    grid = make_grid(tiles, nrow=4, padding=2, pad_value=1.0)
-    return encode_png((grid * 255).round().to(torch.uint8)).numpy().tobytes()
+    return figure_png(grid_figure(rows, list(classes), has_head))
