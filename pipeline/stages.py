@@ -16,6 +16,7 @@ import csv
 import io
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +38,7 @@ from data_prep.manifest import Manifest
 from data_prep.splits import Split, read_split
 from model.masking import apply_patch_mask, patch_mask
 from pipeline.config import Config
+from pipeline.console import counted
 from pipeline.engine import (
     Engine,
     build_model,
@@ -64,6 +66,9 @@ class StageContext(Protocol):
 
     def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
         """End of an epoch: every rank calls it; rank 0's ``state`` is the checkpoint."""
+
+    def progress(self, label: str, done: int, total: int, detail: str = "") -> None:
+        """Where a long loop stands (``done`` of ``total`` steps or batches), for the console."""
 
 
 @dataclass
@@ -203,11 +208,14 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         epoch_started = time.perf_counter()
         data.set_epoch(epoch)
         grad_norm_every = config.tracking.grad_norm_every if len(engine.terms) > 1 else 0
-        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log, grad_norm_every=grad_norm_every)
+        steps = EpochProgress(ctx, f"[{stage}] epoch {epoch + 1}/{schedule.epochs}")
+        batches = counted(data.batches(), data.steps, steps)
+        metrics = engine.train_epoch(batches, data.steps, on_log=steps.log, grad_norm_every=grad_norm_every)
         metrics["epoch"] = epoch + 1
         is_best = False
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
-            confusion = engine.evaluate(data.val, config.eval.mode, config.eval_crop, config.eval.stride)
+            val = counted(data.val, len(data.val), partial(ctx.progress, f"[{stage}] val batches"))
+            confusion = engine.evaluate(val, config.eval.mode, config.eval_crop, config.eval.stride)
             metrics["val/miou"] = mean_iou(confusion)
             is_best = metrics["val/miou"] > best_miou
             best_miou = max(best_miou, metrics["val/miou"])
@@ -240,6 +248,20 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
     }
 
 
+class EpochProgress:
+    """An epoch's steps for ``ctx.progress``, with the running loss ``ctx.log`` was last given."""
+
+    def __init__(self, ctx: StageContext, label: str):
+        self.ctx, self.label, self.loss = ctx, label, None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.loss = metrics.get("train/loss", self.loss)
+        self.ctx.log(metrics, step)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.ctx.progress(self.label, done, total, f"loss {self.loss:.3f}" if self.loss is not None else "")
+
+
 @dataclass
 class Evaluation:
     miou: float
@@ -249,8 +271,11 @@ class Evaluation:
     confusion: torch.Tensor
 
 
-def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: int = 0, world: int = 1) -> Evaluation:
-    """Score the checkpoint at ``inputs.init_checkpoint`` on the val set; every rank calls it."""
+def evaluate(
+    config: Config, inputs: StageInputs, device: torch.device, rank: int = 0, world: int = 1, progress=None
+) -> Evaluation:
+    """Score the checkpoint at ``inputs.init_checkpoint`` on the val set; every rank calls it.
+    ``progress(done, total)`` hears where the loop over the val batches stands."""
     manifest = Manifest.read(inputs.manifest)
     split = read_split(inputs.split_dir)
     state = load_state(inputs.init_checkpoint)
@@ -261,6 +286,8 @@ def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: in
     engine = Engine(model, config, manifest.num_classes, device, variant="supervised", total_steps=1)
     val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
     loader = val_loader(config, manifest, split, rank, world)
+    if progress is not None:
+        loader = counted(loader, len(loader), progress)
     confusion = engine.evaluate(loader, config.eval.mode, config.eval_crop, config.eval.stride)
     ious = iou_per_class(confusion)
     per_class = {name: float(v) * 100 for name, v in zip(manifest.classes, ious)}
