@@ -98,8 +98,10 @@ class LoopProgress:
 
         if self.bar is None:
             # transient: the bar makes way for the line that sums the loop up (an epoch's metrics)
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), transient=True)  # fmt: skip
+            # markup off: "[train]" is a label here, not a rich style tag
+            self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("{task.fields[detail]}", markup=False),
+                                transient=True)  # fmt: skip
             self.task = self.bar.add_task(self.label, total=total, detail=detail)
             self.bar.start()
         self.bar.update(self.task, completed=done, total=total, detail=detail)
