@@ -19,7 +19,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.errors import USER_ERRORS, UsageError
+from pipeline.console import set_verbose
+from pipeline.errors import UsageError, find_user_error
 
 app = typer.Typer(
     help="s4mim: semi-supervised semantic segmentation with masked image modeling (S4MIM).",
@@ -102,7 +103,7 @@ def data_synth(
 ) -> None:
     """Generate the embedded ``shapes`` dataset in VOC layout."""
     from data_prep import shapes
-    from pipeline.console import Progress
+    from pipeline.console import progress
     from pipeline.prepare import shapes_dir
 
     root = (root or shapes_dir(seed)).absolute()
@@ -113,7 +114,7 @@ def data_synth(
         raise UsageError(f"{root} exists and is not a shapes dataset; choose another --root or empty it")
     if (root / "shapes.json").exists():
         typer.echo(f"replacing the shapes dataset in {root} (other seed or settings)")
-    shapes.synthesize(root, seed, progress=Progress("images"))
+    shapes.synthesize(root, seed, progress=progress("images"))
     s = shapes.ShapesSettings()
     typer.echo(f"wrote {s.train} train and {s.val} val images to {root}")
 
@@ -133,13 +134,13 @@ def data_prepare(
     """Validate every image/mask pair and write the Parquet manifest (and split files)."""
     from data_prep.manifest import prepare
     from data_prep.splits import make_split, read_labeled_ids, write_split
-    from pipeline.console import Progress
+    from pipeline.console import progress
     from pipeline.paths import require_writable, slug
 
     runs = _runs()
     require_writable(runs)
     manifest, bad, reused = prepare(
-        dataset, root, runs / "manifests", skip_bad=skip_bad, progress=Progress("validated")
+        dataset, root, runs / "manifests", skip_bad=skip_bad, progress=progress("validated")
     )
     for sample in bad:
         typer.echo(f"skipped {sample.id}: {sample.reason}")
@@ -170,6 +171,13 @@ TrackingOpt = Annotated[
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db).",
         show_default=False,
+    ),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Also show Ray's and MLflow's own output (always kept in the stage folder's stage.log).",
     ),
 ]
 LocalOpt = Annotated[
@@ -279,8 +287,10 @@ def warmup(
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Teacher warmup: supervised training on the labeled split (a Ray Train job)."""
+    set_verbose(verbose)
     result = _run_stage_command("warmup", preset, set_, data_root, ray_address, tracking_uri, local)
     if result and int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"[warmup] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
@@ -294,8 +304,10 @@ def train(
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Semi-supervised training (the preset's variant) from the warmup teacher (a Ray Train job)."""
+    set_verbose(verbose)
     result = _run_stage_command("train", preset, set_, data_root, ray_address, tracking_uri, local)
     if result and int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"[train] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
@@ -312,8 +324,10 @@ def evaluate(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint to score (default: the best of the train stage).")
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """mIoU, per-class IoU table and a picture grid on the val set (a Ray Train job)."""
+    set_verbose(verbose)
     if checkpoint is not None and not checkpoint.exists():
         raise UsageError(f"--checkpoint {checkpoint}: no such file")
     result = _run_stage_command("evaluate", preset, set_, data_root, ray_address, tracking_uri, local, checkpoint)
@@ -353,8 +367,10 @@ def pipeline_run(
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """prepare -> warmup -> train -> evaluate as Ray Train jobs, skipping stages whose outputs exist."""
+    set_verbose(verbose)
     from pipeline.orchestrate import plan, run_pipeline, summary_table
 
     config = _config(preset, set_, data_root)
@@ -432,8 +448,10 @@ def sweep(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard an earlier run of this sweep and start over.")
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Ray Tune over a spec's search space, ASHA on val/miou; writes the best config as a preset."""
+    set_verbose(verbose)
     from sweeps.runner import run_sweep, trial_table
     from sweeps.spec import load_spec
 
@@ -667,7 +685,7 @@ def main() -> None:
     except Exception as exc:
         if _is_command_line_error(exc):
             _report_command_line_error(exc)
-        user_error = _find_user_error(exc)
+        user_error = find_user_error(exc)
         if debug or user_error is None:
             raise
         typer.echo(f"error: {_one_line(user_error)}", err=True)
@@ -693,23 +711,6 @@ def _report_command_line_error(exc: Exception) -> None:
     where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
     typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
     sys.exit(exc.exit_code)
-
-
-def _find_user_error(exc: BaseException) -> BaseException | None:
-    """The user error behind ``exc``: itself, its causes, or what a Ray worker raised."""
-    from model.backbones import BackboneInitError
-
-    seen, stack = set(), [exc]
-    while stack:
-        error = stack.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, USER_ERRORS + (BackboneInitError,)):
-            return error
-        stack += [getattr(error, "cause", None), error.__cause__, error.__context__]
-        stack += list(getattr(error, "worker_failures", {}).values())  # ray.train.WorkerGroupError
-    return None
 
 
 def _one_line(exc: Exception) -> str:

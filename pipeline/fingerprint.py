@@ -21,7 +21,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "prepare": ("data_prep/*.py", "pipeline/prepare.py"),
     "warmup": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
     "train": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
-    "evaluate": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
+    "evaluate": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py", "pipeline/pictures.py"),
     "pretrain": (
         "model/backbones.py",
         "data_prep/corpus.py",

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic import atomic_path
-from pipeline.console import format_metrics, say
+from pipeline.console import format_metrics, progress, say
 
 EPOCH_KEYS = ("train/loss", "train/loss_x", "train/loss_s", "train/loss_cmim", "train/loss_fa", "train/loss_smim",
               "train/mask_ratio", "train/img_per_s", "val/miou")  # fmt: skip
@@ -53,6 +53,7 @@ class LocalContext:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.epochs = epochs
         self.started = time.perf_counter()
+        self.bar = None  # the progress of the loop that runs
 
     def restore(self) -> dict | None:
         last = self.folder / "last.pt"
@@ -63,7 +64,14 @@ class LocalContext:
         return state
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        pass  # epoch lines are enough on a terminal; trackers log steps
+        pass  # the progress bar and the epoch lines are the console's; trackers log steps
+
+    def progress(self, label: str, done: int, total: int, detail: str = "") -> None:
+        if self.rank != 0:
+            return
+        if self.bar is None or self.bar.label != label:
+            self.bar = progress(label, final=False)
+        self.bar(done, total, detail)
 
     def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
         if self.rank == 0:

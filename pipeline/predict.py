@@ -362,7 +362,7 @@ class Outcome:
 def run_predict(model: str, inputs: list[Path], options: Options, *, runs: Path, device: str = "auto",
                 amp: bool = False, mode: str | None = None, ray_address: str | None = None, workers: int = 1,
                 tracking_uri: str | None = None) -> Outcome:  # fmt: skip
-    from pipeline.console import Progress, say
+    from pipeline.console import progress, say
     from pipeline.paths import unwritable_reason
     from pipeline.stages import load_state
 
@@ -380,7 +380,7 @@ def run_predict(model: str, inputs: list[Path], options: Options, *, runs: Path,
         classes = list(state["classes"])
     else:
         predictor = load_predictor(checkpoint, device, amp, mode)
-        rows = _predict_items(predictor, items, options, Progress("predicted"))
+        rows = _predict_items(predictor, items, options, progress("predicted"))
         classes = predictor.classes
     table = write_table(options.out, rows, classes)
     skipped = [row for row in rows if "error" in row]

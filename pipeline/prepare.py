@@ -16,7 +16,7 @@ from data_prep.manifest import Manifest, manifest_path, prepare
 from data_prep.readers import read_dataset
 from data_prep.splits import make_split, read_labeled_ids, write_split
 from pipeline.config import Config
-from pipeline.console import Progress, say
+from pipeline.console import progress, say
 from pipeline.paths import data_dir, slug
 
 
@@ -71,7 +71,7 @@ def ensure_shapes(root: Path, seed: int) -> None:
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} exists and is not a shapes dataset; pass another --data-root or empty it")
     say(f"generating the shapes dataset (seed {seed}) in {root}")
-    shapes.synthesize(root, seed, progress=Progress("shapes images"))
+    shapes.synthesize(root, seed, progress=progress("shapes images"))
 
 
 def _labeled_ids(config: Config) -> list[str] | None:
@@ -108,7 +108,7 @@ def prepare_stage(config: Config, runs: Path, *, skip_bad: bool = False, force: 
         f"s4mim data prepare {config.data.dataset} --root {root} --skip-bad"
     )
     manifest, bad, reused = prepare(
-        config.data.dataset, root, runs / "manifests", skip_bad=skip_bad, progress=Progress("validated"),
+        config.data.dataset, root, runs / "manifests", skip_bad=skip_bad, progress=progress("validated"),
         skip_hint=hint,
     )  # fmt: skip
     for sample in bad:

@@ -18,14 +18,18 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.console import say
-from pipeline.errors import UsageError
+from pipeline.console import event, prints_into, say
+from pipeline.errors import UsageError, find_user_error
 from pipeline.paths import slug
+from pipeline.worker_logs import route_worker_output, stage_log, tail
 
 STATE_FILE = "state.pt"
+STAGE_LOG = "stage.log"  # in the stage folder: Ray's and MLflow's own output while the stage ran
 
 
 # -- the cluster ---------------------------------------------------------------------------------
@@ -70,10 +74,15 @@ def connect(address: str | None = None) -> str:
     private = address in (None, "local")
     if private:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a file, should Ray print itself
     try:
         ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
+    # Worker output still comes to this process (a line of the project's included), but is no longer
+    # printed as Ray prints it: see pipeline.worker_logs.
+    route_worker_output()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     where = "local (private to this command)" if private else f"cluster at {ray.get_runtime_context().gcs_address}"
     return f"Ray {where}: {len(nodes)} node(s), {_describe(ray.cluster_resources())}"
@@ -163,9 +172,11 @@ def cluster_lost(exc: BaseException) -> str | None:
 
 
 def _emit(line: str) -> None:
-    """One progress line from a worker (Ray Train echoes ``print`` a second time through its logger)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    """One line of the project's from a worker, for the driver's console."""
+    event("line", text=line)
+
+
+PROGRESS_EVERY = 1.0  # seconds between a worker's progress updates: enough for a bar, few lines to forward
 
 
 class RayContext:
@@ -180,6 +191,7 @@ class RayContext:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.started = time.perf_counter()
+        self.last_progress = 0.0
         self.logger = None
         self.system_metrics = float(tracking.get("system_metrics") or 0) if tracking else 0.0  # seconds; 0 is off
         if tracking and self.rank == 0:
@@ -216,6 +228,12 @@ class RayContext:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.logger is not None:
             self.logger.log(metrics, step)
+
+    def progress(self, label: str, done: int, total: int, detail: str = "") -> None:
+        now = time.monotonic()
+        if self.rank == 0 and (done >= total or now - self.last_progress >= PROGRESS_EVERY):
+            self.last_progress = now
+            event("progress", label=label, done=done, total=total, detail=detail)
 
     def close(self) -> None:
         if self.logger is not None:
@@ -307,6 +325,19 @@ def _local_checkpoint(path: str | None):
     return materialise()
 
 
+def _throttled(send):
+    """``send(done=…, total=…)`` at most every ``PROGRESS_EVERY`` seconds, and for the last."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= PROGRESS_EVERY:
+            last[0] = now
+            send(done=done, total=total)
+
+    return report
+
+
 def _worker_loop(loop: dict):
     """Runs on every Ray Train worker: the stage as plain engine code."""
     import ray
@@ -327,7 +358,9 @@ def _worker_loop(loop: dict):
         if stage == "evaluate":
             context = ray.train.get_context()
             device = ray.train.torch.get_device()
-            evaluation = evaluate(config, inputs, device, context.get_world_rank(), context.get_world_size())
+            rank = context.get_world_rank()
+            shown = _throttled(partial(event, "progress", label="[evaluate] val batches")) if rank == 0 else None
+            evaluation = evaluate(config, inputs, device, rank, context.get_world_size(), progress=shown)
             return {
                 "miou": evaluation.miou,
                 "iou": evaluation.iou,
@@ -445,6 +478,7 @@ class RayBackend:
         self.tracking_uri = tracking_uri
         self.address = address
         self.pipeline = None  # PipelineTracking, set by begin()
+        self.logs = ExitStack()  # the command's log of Ray and MLflow output outside any stage, from begin() to end()
 
     def begin(
         self, config: Config, prepared, *, parent_key=None, parent_name=None, parent_tags=None, fresh=False
@@ -452,6 +486,7 @@ class RayBackend:
         """Join Ray, check the workers fit, and open the parent run (the pipeline's, or a sweep's); ``fresh``
         opens a new parent run even if one with the same key exists."""
         say(connect(self.address))
+        self.logs.enter_context(stage_log(self.runs / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"))
         check_fits(config)
         if self.tracking_uri:
             from pipeline.tracking import PipelineTracking
@@ -475,26 +510,27 @@ class RayBackend:
             shutil.rmtree(target, ignore_errors=True)
 
     def run_stage(self, config: Config, stage: str, prepared, folder: Path, init_checkpoint) -> dict:
-        from pipeline.local import write_evaluation, write_result
-
         run_id = self.pipeline.stage_run(stage) if self.pipeline else None
         tracking = None
         if run_id:
             tracking = {"uri": self.tracking_uri, "run_id": run_id, "system_metrics": system_metrics_interval(config)}
         name = run_name(config, stage, prepared.inputs_hash)
         started = time.perf_counter()
+        log = Path(folder) / STAGE_LOG
         try:
-            result = run_job(
-                config,
-                stage,
-                prepared,
-                storage=self.storage,
-                name=name,
-                init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
-                tracking=tracking,
-            )
-            if result.error is not None:
-                raise result.error
+            with stage_log(log):
+                result = run_job(
+                    config,
+                    stage,
+                    prepared,
+                    storage=self.storage,
+                    name=name,
+                    init_checkpoint=str(init_checkpoint) if init_checkpoint else None,
+                    tracking=tracking,
+                )
+                if result.error is not None:
+                    raise result.error
+                return self._record(config, stage, folder, init_checkpoint, result, run_id, name, started, log)
         except BaseException as exc:
             if run_id:
                 self.pipeline.finish(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -504,7 +540,14 @@ class RayBackend:
                     f"the Ray cluster went away during the {stage} stage ({lost}); check it with 's4mim doctor', "
                     "then run the same command again to resume"
                 ) from None
+            if not isinstance(exc, KeyboardInterrupt) and find_user_error(exc) is None:
+                _show_tail(stage, log)
             raise
+
+    def _record(self, config, stage, folder, init_checkpoint, result, run_id, name, started, log) -> dict:
+        """The finished stage's result.json, and what its MLflow run keeps of it."""
+        from pipeline.local import write_evaluation, write_result
+
         if stage == "evaluate":
             value = result.return_value
             from pipeline.stages import Evaluation
@@ -518,7 +561,8 @@ class RayBackend:
             out["checkpoint"] = best_checkpoint_path(result)
             out["ray_run"] = name
             if run_id and stage == "train":
-                out["registered"] = self.pipeline.log_model(run_id, out["checkpoint"], out["best_miou"])
+                with prints_into(log):  # MLflow prints its registration steps
+                    out["registered"] = self.pipeline.log_model(run_id, out["checkpoint"], out["best_miou"])
             write_result(folder, out)
             if run_id and stage == "warmup":
                 self.pipeline.tracker.log_metrics(self.pipeline.parent_id, {"val/miou_warmup": out["best_miou"]}, 0)
@@ -538,7 +582,20 @@ class RayBackend:
         tracker.log_metrics(self.pipeline.parent_id, {"val/miou": evaluation.miou}, 0)
 
     def end(self, ok: bool, status: str | None = None) -> str | None:
-        if self.pipeline is None:
-            return None
-        self.pipeline.finish(self.pipeline.parent_id, status or ("FINISHED" if ok else "FAILED"))
-        return self.pipeline.parent_id
+        try:
+            if self.pipeline is None:
+                return None
+            self.pipeline.finish(self.pipeline.parent_id, status or ("FINISHED" if ok else "FAILED"))
+            return self.pipeline.parent_id
+        finally:
+            self.logs.close()
+
+
+def _show_tail(stage: str, log: Path, lines: int = 20) -> None:
+    """What Ray and MLflow said last, on stderr: a failure's cause is often there, not in the traceback."""
+    last = tail(log, lines)
+    if last:
+        print(f"the {stage} stage failed; the last lines of {log}:", file=sys.stderr)
+        for line in last:
+            print(f"  {line}", file=sys.stderr)
+        sys.stderr.flush()

@@ -16,14 +16,13 @@ import csv
 import io
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from torchvision.io import encode_png
-from torchvision.utils import make_grid
 
 from data_prep.augment import denormalize
 from data_prep.datasets import (
@@ -36,10 +35,10 @@ from data_prep.datasets import (
     size_grouped_batches,
 )
 from data_prep.manifest import Manifest
-from data_prep.palette import voc_palette
 from data_prep.splits import Split, read_split
 from model.masking import apply_patch_mask, patch_mask
 from pipeline.config import Config
+from pipeline.console import counted
 from pipeline.engine import (
     Engine,
     build_model,
@@ -67,6 +66,9 @@ class StageContext(Protocol):
 
     def report(self, metrics: dict[str, float], state: dict, *, epoch: int, best: bool) -> None:
         """End of an epoch: every rank calls it; rank 0's ``state`` is the checkpoint."""
+
+    def progress(self, label: str, done: int, total: int, detail: str = "") -> None:
+        """Where a long loop stands (``done`` of ``total`` steps or batches), for the console."""
 
 
 @dataclass
@@ -217,11 +219,14 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         epoch_started = time.perf_counter()
         data.set_epoch(epoch)
         grad_norm_every = config.tracking.grad_norm_every if len(engine.terms) > 1 else 0
-        metrics = engine.train_epoch(data.batches(), data.steps, on_log=ctx.log, grad_norm_every=grad_norm_every)
+        steps = EpochProgress(ctx, f"[{stage}] epoch {epoch + 1}/{schedule.epochs}")
+        batches = counted(data.batches(), data.steps, steps)
+        metrics = engine.train_epoch(batches, data.steps, on_log=steps.log, grad_norm_every=grad_norm_every)
         metrics["epoch"] = epoch + 1
         is_best = False
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
-            confusion = engine.evaluate(data.val, config.eval.mode, config.eval_crop, config.eval.stride)
+            val = counted(data.val, len(data.val), partial(ctx.progress, f"[{stage}] val batches"))
+            confusion = engine.evaluate(val, config.eval.mode, config.eval_crop, config.eval.stride)
             metrics["val/miou"] = mean_iou(confusion)
             is_best = metrics["val/miou"] > best_miou
             best_miou = max(best_miou, metrics["val/miou"])
@@ -257,6 +262,20 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
     }
 
 
+class EpochProgress:
+    """An epoch's steps for ``ctx.progress``, with the running loss ``ctx.log`` was last given."""
+
+    def __init__(self, ctx: StageContext, label: str):
+        self.ctx, self.label, self.loss = ctx, label, None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.loss = metrics.get("train/loss", self.loss)
+        self.ctx.log(metrics, step)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.ctx.progress(self.label, done, total, f"loss {self.loss:.3f}" if self.loss is not None else "")
+
+
 @dataclass
 class Evaluation:
     miou: float
@@ -266,8 +285,11 @@ class Evaluation:
     confusion: torch.Tensor
 
 
-def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: int = 0, world: int = 1) -> Evaluation:
-    """Score the checkpoint at ``inputs.init_checkpoint`` on the val set; every rank calls it."""
+def evaluate(
+    config: Config, inputs: StageInputs, device: torch.device, rank: int = 0, world: int = 1, progress=None
+) -> Evaluation:
+    """Score the checkpoint at ``inputs.init_checkpoint`` on the val set; every rank calls it.
+    ``progress(done, total)`` hears where the loop over the val batches stands."""
     manifest = Manifest.read(inputs.manifest)
     split = read_split(inputs.split_dir)
     state = load_state(inputs.init_checkpoint)
@@ -278,6 +300,8 @@ def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: in
     engine = Engine(model, config, manifest.num_classes, device, variant="supervised", total_steps=1)
     val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
     loader = val_loader(config, manifest, split, rank, world)
+    if progress is not None:
+        loader = counted(loader, len(loader), progress)
     confusion = engine.evaluate(loader, config.eval.mode, config.eval_crop, config.eval.stride)
     ious = iou_per_class(confusion)
     per_class = {name: float(v) * 100 for name, v in zip(manifest.classes, ious)}
@@ -286,39 +310,29 @@ def evaluate(config: Config, inputs: StageInputs, device: torch.device, rank: in
     writer.writerow(["class", "iou", "pixels"])
     for (name, value), pixels in zip(per_class.items(), confusion.sum(1).tolist()):
         writer.writerow([name, f"{value:.2f}", pixels])
-    grid = picture_grid(engine, val_set, config, has_head) if rank == 0 else b""
+    grid = picture_grid(engine, val_set, config, has_head, manifest.classes) if rank == 0 else b""
     return Evaluation(mean_iou(confusion), per_class, table.getvalue(), grid, confusion.cpu())
 
 
-def _colorize(label: torch.Tensor) -> torch.Tensor:
-    palette = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3) / 255
-    return palette[label.long().clamp(0, 255).cpu()].permute(2, 0, 1)
-
-
 @torch.no_grad()
-def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head: bool, side: int = 128) -> bytes:
-    """PNG rows of image | ground truth | prediction | reconstruction of a patch-masked copy."""
+def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head: bool, classes: list[str]) -> bytes:
+    """PNG rows of image | ground truth | prediction | reconstruction of a patch-masked copy, titled, with a
+    legend of the class colours (``pipeline.pictures``)."""
+    from pipeline.pictures import figure_png, grid_figure
+
     gen = torch.Generator().manual_seed(config.seed)
-    tiles = []
-    resize = lambda t, mode: torch.nn.functional.interpolate(t[None], size=(side, side), mode=mode)[0]  # noqa: E731
+    rows = []
     for index in range(min(config.eval.grid_images, len(val_set))):
         sample = val_set[index]
         image = sample["image"][None]
         pred = engine.predict(image, config.eval.mode, config.eval_crop, config.eval.stride).argmax(1)[0]
+        recon = None
         if has_head:
             h, w = image.shape[-2:]
             masked = patch_mask(1, h, w, config.mim.patch, config.mim.ratio, generator=gen)
-            recon = engine.model(apply_patch_mask(image, masked).to(engine.device), need_reconstruction=True)
-            recon = denormalize(recon.reconstruction[0].float().cpu())
-        else:
-            recon = torch.zeros(3, *image.shape[-2:])
-        tiles += [
-            resize(denormalize(image[0]), "bilinear"),
-            resize(_colorize(sample["label"]), "nearest"),
-            resize(_colorize(pred), "nearest"),
-            resize(recon, "bilinear"),
-        ]
-    if not tiles:
+            out = engine.model(apply_patch_mask(image, masked).to(engine.device), need_reconstruction=True)
+            recon = denormalize(out.reconstruction[0].float().cpu())
+        rows.append({"image": denormalize(image[0]), "label": sample["label"], "pred": pred.cpu(), "recon": recon})
+    if not rows:
         return b""
-    grid = make_grid(tiles, nrow=4, padding=2, pad_value=1.0)
-    return encode_png((grid * 255).round().to(torch.uint8)).numpy().tobytes()
+    return figure_png(grid_figure(rows, list(classes), has_head))

@@ -83,5 +83,6 @@ def test_a_loss_change_invalidates_training_but_not_prepare(tiny_shapes, tmp_pat
 
 
 def test_fingerprints_cover_the_stage_code_only():
-    assert code_fingerprint("warmup") == code_fingerprint("train") == code_fingerprint("evaluate")
+    assert code_fingerprint("warmup") == code_fingerprint("train")
+    assert code_fingerprint("evaluate") != code_fingerprint("train")  # it also draws the picture grid
     assert code_fingerprint("prepare") != code_fingerprint("train")
