@@ -461,9 +461,14 @@ def runs_compare(
 
     if format not in ("table", "csv", "json"):
         raise UsageError(f"--format {format!r}: choose table, csv or json")
+    filters = parse_tag_filters(tag or [])
+    if "stage" in filters:
+        raise UsageError(
+            f"--tag stage={filters['stage']} and --stage both choose the stage; use --stage {filters['stage']} alone"
+        )
     uri = resolve(None, tracking_uri)
     check_tracking_uri(uri)
-    rows = fetch_runs(uri, experiment, parse_tag_filters(tag or []), stage)
+    rows = fetch_runs(uri, experiment, filters, stage)
     if not rows:
         raise UsageError(f"no {stage} runs match in experiment {experiment!r}; run 's4mim pipeline run PRESET' first")
     typer.echo(render(rows, format))
@@ -482,9 +487,14 @@ def runs_plot(
     from pipeline.tracking import check_tracking_uri
     from pipeline.tracking import tracking_uri as resolve
 
+    filters = parse_tag_filters(tag or [])
+    if "stage" in filters:
+        raise UsageError(
+            f"--tag stage={filters['stage']}: runs plot reads the pipeline runs (a sweep's train runs with "
+            "--sweep); leave --tag stage out"
+        )
     uri = resolve(None, tracking_uri)
     check_tracking_uri(uri)
-    filters = parse_tag_filters(tag or [])
     if sweep:
         path = plot_sweep(fetch_runs(uri, experiment, {**filters, "sweep_id": sweep}, "train"), sweep, out)
     else:
