@@ -71,12 +71,15 @@ def _runs() -> Path:
 @app.command()
 def presets(
     show: Annotated[str | None, typer.Option("--show", help="Print one preset's full config as JSON.")] = None,
+    set_: SetOpt = None,
 ) -> None:
-    """List every preset (or show one in full)."""
+    """List every preset (or show one in full, with any --set overrides applied)."""
     from pipeline.presets import BUILTIN, load_preset, preset_names
 
+    if set_ and not show:
+        raise UsageError("--set applies to one preset: s4mim presets --show PRESET --set section.key=value")
     if show:
-        typer.echo(json.dumps(load_preset(show).model_dump(mode="json"), indent=2))
+        typer.echo(json.dumps(load_preset(show, set_).model_dump(mode="json"), indent=2))
         return
     typer.echo(f"{'preset':<18} {'dataset':<11} {'split':<6} {'backbone':<14} {'crop':>5} {'workers':>7}")
     for name in preset_names():

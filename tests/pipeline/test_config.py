@@ -90,3 +90,21 @@ def test_preset_files(tmp_path):
     broken.write_text('{"base": "shapes-1/8", "set": {"mim.nope": 1}}')
     with pytest.raises(UsageError, match="unknown key mim.nope"):
         load_preset(str(broken))
+
+
+def test_a_section_set_whole_merges_into_the_presets_section(tmp_path):
+    """``--set 'mim={...}'`` changes the keys it names; the others keep the preset's values (Cityscapes'
+    patch is 80, the default 32). The installed s4mim, as a user types it."""
+    from tests.pipeline.cli_helpers import one_line_error, run_s4mim
+
+    assert BUILTIN["cityscapes-1/8"]["mim"]["patch"] == 80 and Config().mim.patch == 32  # what the test tells apart
+    done = run_s4mim("presets", "--show", "cityscapes-1/8", "--set", 'mim={"ratio": 0.6}')
+    assert done.returncode == 0, done.stderr
+    mim = json.loads(done.stdout)["mim"]
+    assert mim["ratio"] == 0.6 and mim["patch"] == 80
+    derived = tmp_path / "derived.json"
+    derived.write_text(json.dumps({"base": "cityscapes-1/8", "set": {"mim": {"ratio": 0.6}}}))
+    assert load_preset(str(derived)).mim.patch == 80  # a preset file's "set" merges the same way
+    done = run_s4mim("presets", "--show", "cityscapes-1/8", "--set", 'mim={"ratioo": 0.6}')
+    assert done.returncode == 2
+    assert "unknown key mim.ratioo; valid keys in mim: " in one_line_error(done.stderr)
