@@ -345,6 +345,10 @@ def pipeline_run(
     runs = _runs()
     planned = plan(config, runs, force or [])
     if dry_run:
+        if any(s.status != "cached" for s in planned):  # the run would refuse to start, with this line
+            from pipeline.paths import require_writable
+
+            require_writable(runs, write=False)
         typer.echo(f"plan for {config.preset} (variant {config.variant}), outputs under {runs}")
         typer.echo(summary_table(planned))
         return
