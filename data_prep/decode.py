@@ -22,13 +22,50 @@ def decode_image_bytes(data: bytes, path: str | Path) -> torch.Tensor:
     """
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError):
         image = _decode_with_pillow(data)
         if image is None:
-            raise DataError(f"{path}: image does not decode ({str(exc).splitlines()[0]})") from None
+            raise DataError(f"{path}: image does not decode ({_why_not(data)})") from None
     if image.dtype == torch.uint16:
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
+
+
+# The first bytes of each format s4mim decodes (WebP: RIFF....WEBP, checked apart).
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+HEADER_BYTES = 16
+
+
+def image_format(head: bytes) -> str | None:
+    """The format the first bytes of a file announce, or None when they announce none s4mim knows."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
+
+
+def _why_not(data: bytes) -> str:
+    """Why bytes that neither torchvision nor Pillow decodes are not an image, in a user's words."""
+    if not data:
+        return "the file is empty"
+    announced = image_format(data[:HEADER_BYTES])
+    if announced:
+        return f"its {announced} data is damaged or cut short"
+    sample = data[:4096]
+    try:
+        is_text = b"\x00" not in sample and bool(sample.decode("utf-8").strip())
+    except UnicodeDecodeError:
+        is_text = False
+    if is_text:
+        return "the file holds text, not image data"
+    return "its content is not JPEG, PNG, WebP, GIF, BMP or TIFF data"
 
 
 def _decode_with_pillow(data: bytes) -> torch.Tensor | None:
@@ -68,7 +105,26 @@ def decode_mask_bytes(data: bytes, path: str | Path) -> torch.Tensor:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    return decode_image_bytes(Path(path).read_bytes(), path)
+    return decode_image_bytes(_read(path), path)
+
+
+def check_image_header(path: str | Path) -> None:
+    """Fail as ``read_image`` would on a file that is not an image at all, from its first bytes alone
+    (a file whose header announces no known format is decoded whole, to be sure)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEADER_BYTES)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if image_format(head) is None:
+        read_image(path)
+
+
+def _read(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def read_mask(path: str | Path, lut: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,12 +72,15 @@ def _runs() -> Path:
 @app.command()
 def presets(
     show: Annotated[str | None, typer.Option("--show", help="Print one preset's full config as JSON.")] = None,
+    set_: SetOpt = None,
 ) -> None:
-    """List every preset (or show one in full)."""
+    """List every preset (or show one in full, with any --set overrides applied)."""
     from pipeline.presets import BUILTIN, load_preset, preset_names
 
+    if set_ and not show:
+        raise UsageError("--set applies to one preset: s4mim presets --show PRESET --set section.key=value")
     if show:
-        typer.echo(json.dumps(load_preset(show).model_dump(mode="json"), indent=2))
+        typer.echo(json.dumps(load_preset(show, set_).model_dump(mode="json"), indent=2))
         return
     typer.echo(f"{'preset':<18} {'dataset':<11} {'split':<6} {'backbone':<14} {'crop':>5} {'workers':>7}")
     for name in preset_names():
@@ -377,6 +380,10 @@ def pipeline_run(
     runs = _runs()
     planned = plan(config, runs, force or [])
     if dry_run:
+        if any(s.status != "cached" for s in planned):  # the run would refuse to start, with this line
+            from pipeline.paths import require_writable
+
+            require_writable(runs, write=False)
         typer.echo(f"plan for {config.preset} (variant {config.variant}), outputs under {runs}")
         typer.echo(summary_table(planned))
         return
@@ -498,9 +505,14 @@ def runs_compare(
 
     if format not in ("table", "csv", "json"):
         raise UsageError(f"--format {format!r}: choose table, csv or json")
+    filters = parse_tag_filters(tag or [])
+    if "stage" in filters:
+        raise UsageError(
+            f"--tag stage={filters['stage']} and --stage both choose the stage; use --stage {filters['stage']} alone"
+        )
     uri = resolve(None, tracking_uri)
     check_tracking_uri(uri)
-    rows = fetch_runs(uri, experiment, parse_tag_filters(tag or []), stage)
+    rows = fetch_runs(uri, experiment, filters, stage)
     if not rows:
         raise UsageError(f"no {stage} runs match in experiment {experiment!r}; run 's4mim pipeline run PRESET' first")
     typer.echo(render(rows, format))
@@ -519,9 +531,14 @@ def runs_plot(
     from pipeline.tracking import check_tracking_uri
     from pipeline.tracking import tracking_uri as resolve
 
+    filters = parse_tag_filters(tag or [])
+    if "stage" in filters:
+        raise UsageError(
+            f"--tag stage={filters['stage']}: runs plot reads the pipeline runs (a sweep's train runs with "
+            "--sweep); leave --tag stage out"
+        )
     uri = resolve(None, tracking_uri)
     check_tracking_uri(uri)
-    filters = parse_tag_filters(tag or [])
     if sweep:
         path = plot_sweep(fetch_runs(uri, experiment, {**filters, "sweep_id": sweep}, "train"), sweep, out)
     else:

@@ -51,6 +51,18 @@ def parse_tag_filters(filters: list[str]) -> dict[str, str]:
     return out
 
 
+def _tag_clause(key: str, value: str) -> str:
+    """One ``tags.`key` = 'value'`` clause of an MLflow filter string. MLflow has no escapes: a value is
+    quoted with whichever quote it does not hold, and a key with backticks."""
+    if "`" in key:
+        raise UsageError(f"--tag {key}={value}: a tag key with a backtick (`) cannot be searched in MLflow")
+    if "'" not in value:
+        return f"tags.`{key}` = '{value}'"
+    if '"' not in value:
+        return f'tags.`{key}` = "{value}"'
+    raise UsageError(f"--tag {key}={value}: MLflow cannot search a value holding both ' and \"; filter on another tag")
+
+
 def fetch_runs(uri: str, experiment: str, tags: dict[str, str], stage: str | None = "pipeline") -> list[RunRow]:
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
@@ -59,7 +71,7 @@ def fetch_runs(uri: str, experiment: str, tags: dict[str, str], stage: str | Non
         raise UsageError(
             f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}"
         )
-    clauses = [f"tags.`{k}` = '{v}'" for k, v in ({"stage": stage} if stage else {}).items() | tags.items()]
+    clauses = [_tag_clause(k, v) for k, v in ({"stage": stage} if stage else {}).items() | tags.items()]
     runs = client.search_runs([found.experiment_id], " and ".join(clauses), max_results=5000)
     rows = []
     for run in runs:

@@ -434,8 +434,16 @@ def apply_overrides(config: Config, overrides: list[str] | dict[str, object]) ->
                 where = ".".join(path[:i]) or "top level"
                 raise UsageError(f"unknown key {'.'.join(path[: i + 1])}; valid keys in {where}: {valid}")
             node = node[part]
-        node[path[-1]] = value
+        node[path[-1]] = _merged(node.get(path[-1]), value)
     return validate_config(data)
+
+
+def _merged(old: object, new: object) -> object:
+    """``new`` over ``old``. A section given whole (``--set 'mim={"ratio": 0.6}'``) merges key by key:
+    the keys it leaves out keep the preset's values instead of going back to the defaults."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{key: _merged(old.get(key), value) for key, value in new.items()}}
 
 
 def read_json_object(path: Path, what: str) -> dict:

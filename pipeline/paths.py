@@ -21,8 +21,14 @@ def slug(name: str) -> str:
     return name.replace("/", "_").replace(os.sep, "_").replace(" ", "_")
 
 
-def unwritable_reason(folder: Path) -> str | None:
-    """Why files cannot be created in ``folder`` (made if missing), or None when they can."""
+def unwritable_reason(folder: Path, *, write: bool = True) -> str | None:
+    """Why files cannot be created in ``folder`` (made if missing), or None when they can.
+
+    ``write=False`` answers without creating anything (for ``--dry-run``), from the folder's nearest
+    existing ancestor: its kind, its file system and its permissions.
+    """
+    if not write:
+        return _unwritable_without_writing(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
@@ -33,12 +39,27 @@ def unwritable_reason(folder: Path) -> str | None:
     return None
 
 
-def require_writable(runs: Path) -> None:
+def _unwritable_without_writing(folder: Path) -> str | None:
+    import errno
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return "it is a file" if existing == folder else os.strerror(errno.ENOTDIR)
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None
+
+
+def require_writable(runs: Path, *, write: bool = True) -> None:
     """Fail with the fix when the runs folder cannot hold this command's outputs (before any work).
 
     Everything a command writes (manifests, splits, stages, Ray storage, the default MLflow store)
     lives under it, so this is the one check that names the root cause and its fix.
     """
-    reason = unwritable_reason(runs)
+    reason = unwritable_reason(runs, write=write)
     if reason:
         raise UsageError(f"runs folder {runs} cannot be written ({reason}); set S4MIM_RUNS to a writable folder")

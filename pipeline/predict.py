@@ -138,6 +138,23 @@ def collect_inputs(inputs: list[Path]) -> list[Item]:
 
 
 IMAGE_SUFFIXES_ANY = (*IMAGE_SUFFIXES, ".tif", ".tiff", ".webp")
+SKIP_HINT = "remove it, or pass --skip-bad to leave unreadable images out"
+
+
+def check_inputs(items: list[Item]) -> None:
+    """Fail before any output when an input is not an image at all (its header, not its pixels),
+    naming the first such file and how many more there are."""
+    from data_prep.decode import check_image_header
+
+    bad = []
+    for item in items:
+        try:
+            check_image_header(item.path)
+        except DataError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 1} more unreadable image(s))" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; nothing was written: {SKIP_HINT}")
 
 
 # -- the model at work ---------------------------------------------------------------------------
@@ -256,7 +273,7 @@ def _predict_items(predictor: Predictor, items: list[Item], options: Options, pr
             image = read_image(item.path)
         except DataError as exc:
             if not options.skip_bad:
-                raise DataError(f"{exc} (--skip-bad leaves unreadable images out)") from None
+                raise DataError(f"{exc}; {SKIP_HINT}") from None
             rows.append({"item": item, "error": str(exc)})
             continue
         if pending and (len(pending) == options.batch_size or pending[0][1].shape != image.shape):
@@ -338,7 +355,7 @@ def predict_on_ray(state: dict, items: list[Item], options: Options, *, workers:
         item = by_name[str(record["name"])]
         if record["error"]:
             if not options.skip_bad:
-                raise DataError(f"{record['error']} (--skip-bad leaves unreadable images out)")
+                raise DataError(f"{record['error']}; {SKIP_HINT}")
             rows.append({"item": item, "error": str(record["error"])})
         else:
             rows.append({"item": item, "height": int(record["height"]), "width": int(record["width"]),
@@ -367,6 +384,8 @@ def run_predict(model: str, inputs: list[Path], options: Options, *, runs: Path,
     from pipeline.stages import load_state
 
     items = collect_inputs(inputs)
+    if not options.skip_bad:
+        check_inputs(items)
     checkpoint = resolve_checkpoint(model, runs, tracking_uri)
     reason = unwritable_reason(options.out)
     if reason:

@@ -31,6 +31,35 @@ TINY_OVERRIDES = [
 ]
 
 
+# What s4mim and the libraries it drives read from the environment to find a user's services and
+# folders: MLflow reads every MLFLOW_* (tracking and registry URIs, experiment, credentials), Ray
+# joins RAY_ADDRESS, s4mim reads S4MIM_* and torchrun's rank variables.
+SEALED_PREFIXES = ("S4MIM_", "MLFLOW_")
+SEALED_NAMES = ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _seal(patch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith(SEALED_PREFIXES) or n in SEALED_NAMES]:
+        patch.delenv(name)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sealed_session():
+    """No test, module fixture or child process sees the developer's tracking server, cluster or folders.
+
+    Session-wide, so that it holds before the module fixtures that start clusters and pipelines;
+    subprocesses inherit it through ``{**os.environ, ...}``.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        _seal(patch)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _sealed(monkeypatch):
+    _seal(monkeypatch)  # again per test: a variable one test set without monkeypatch leaks no further
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

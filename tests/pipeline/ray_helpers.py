@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -42,16 +43,26 @@ def env_for(runs: Path, address: str) -> dict:
     }
 
 
-def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes on this machine."""
+def train_worker_pids(cluster) -> list[int]:
+    """PIDs of the live Ray Train workers of ``cluster`` (a ``start_cluster`` cluster), and of no other Ray.
+
+    A worker is a child of its node's raylet, so only the started nodes' raylets are looked into.
+    """
+    from ray._private import ray_constants
+
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
-        try:
-            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "RayTrainWorker" in text:
-            pids.append(proc.info["pid"])
+    for node in cluster.list_all_nodes():
+        for raylet in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
+            try:
+                children = psutil.Process(raylet.process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    if "RayTrainWorker" in child.name() + " ".join(child.cmdline()):
+                        pids.append(child.pid)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
     return pids
 
 
@@ -98,34 +109,73 @@ def mlflow_runs(db: Path) -> list[dict]:
 class RayHead:
     """A cluster started with ``ray start --head``, as a user or another tool on this host would.
 
-    ``stop()`` kills only this cluster's processes (found by its session folder and port): ``ray stop``
-    would take down every Ray on the host.
+    It runs in the foreground (``--block``) with a temp folder of its own, so that this cluster's
+    processes are exactly the descendants of the process started here, and its address file is not
+    the one other Rays on the host write. ``stop()`` kills only those processes: ``ray stop`` would take
+    down every Ray on the host. ``env`` is what a command needs to find it with ``--ray-address auto``.
     """
 
     def __init__(self, port: int, cpus: int = 1):
         import subprocess
         import sys
+        import tempfile
 
         self.port = port
-        ray = Path(sys.executable).parent / "ray"
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        env.pop("RAY_ADDRESS", None)
-        started = subprocess.run(
-            [str(ray), "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false"],
-            capture_output=True, text=True, env=env, timeout=120,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stderr[-2000:]
-        self.session = Path("/tmp/ray/session_latest").resolve().name
         self.address = f"127.0.0.1:{port}"
+        self.root = Path(tempfile.mkdtemp(prefix="s4mim-ray-"))  # short: Ray's socket paths must fit 107 bytes
+        self.env = {"RAY_TMPDIR": str(self.root)}
+        ray = Path(sys.executable).parent / "ray"
+        command = [str(ray), "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
+                   "--include-dashboard=false", f"--temp-dir={self.root / 'ray'}"]  # fmt: skip
+        self._log = self.root / "ray-start.log"
+        with self._log.open("w") as log:
+            self._process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
+            )
+        self._root = psutil.Process(self._process.pid)
+        self._seen: set[psutil.Process] = set()
+        address_file = self.root / "ray" / "ray_current_cluster"  # written once the head is up
+        try:
+            wait_for(lambda: address_file.is_file() or self._process.poll() is not None, 120, "ray start --head")
+            assert self._process.poll() is None, self._log.read_text()[-2000:]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _members(self) -> set[psutil.Process]:
+        """The started process and every descendant seen so far, ended ones left out."""
+        for proc in [self._root, *self._seen]:
+            try:
+                self._seen.update(proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        return {proc for proc in [self._root, *self._seen] if _alive(proc)}
 
     def pids(self) -> list[int]:
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            text = " ".join(proc.info["cmdline"] or [])
-            if self.session in text or f":{self.port} " in f"{text} " or f"--port={self.port}" in text:
-                found.append(proc.info["pid"])
-        return [pid for pid in found if pid != os.getpid()]
+        return sorted(proc.pid for proc in self._members())
 
     def stop(self) -> None:
-        for pid in self.pids():
-            kill(pid)
+        """SIGKILL every process of this cluster, suspended first so that none starts another meanwhile."""
+        frozen: set[psutil.Process] = set()
+        while fresh := self._members() - frozen:
+            for proc in fresh:
+                try:
+                    proc.suspend()
+                except psutil.NoSuchProcess:
+                    pass
+            frozen |= fresh
+        for proc in frozen:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._process.wait()
+        psutil.wait_procs(list(frozen), timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -80,13 +80,14 @@ def _blocked_runs(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
-@pytest.mark.parametrize("command", ["local-warmup", "data-prepare", "ray-pipeline"])
+@pytest.mark.parametrize("command", ["local-warmup", "data-prepare", "ray-pipeline", "dry-run"])
 def test_runs_folder_that_cannot_be_written(tiny_shapes, tmp_path, kind, command):
     runs = _blocked_runs(tmp_path, kind)
     args = {
         "local-warmup": ["warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes)],
         "data-prepare": ["data", "prepare", "shapes", "--root", str(tiny_shapes)],
         "ray-pipeline": ["pipeline", "run", "shapes-1/8", *_tiny(tiny_shapes)],
+        "dry-run": ["pipeline", "run", "shapes-1/8", "--dry-run", *_tiny(tiny_shapes)],  # what the run would refuse
     }[command]
     done = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
     assert done.returncode == 2, done.stderr[-2000:]
@@ -123,9 +124,14 @@ def test_a_cached_pipeline_writes_nothing_and_runs_from_a_read_only_folder(tiny_
         cached = run_s4mim(*args, env={"S4MIM_RUNS": str(read_only)})
         assert cached.returncode == 0, cached.stderr[-2000:]
         assert cached.stdout.count(" cached ") == 4
+        refusal = f"runs folder {read_only} cannot be written (Read-only file system)"
         forced = run_s4mim(*args, "--force", "evaluate", env={"S4MIM_RUNS": str(read_only)})
         assert forced.returncode == 2
-        assert f"runs folder {read_only} cannot be written (Read-only file system)" in one_line_error(forced.stderr)
+        assert refusal in one_line_error(forced.stderr)
+        dry = run_s4mim(*args, "--force", "evaluate", "--dry-run", env={"S4MIM_RUNS": str(read_only)})
+        assert dry.returncode == 2 and refusal in one_line_error(dry.stderr)  # the dry run tells what the run does
+        cached_dry = run_s4mim(*args, "--dry-run", env={"S4MIM_RUNS": str(read_only)})
+        assert cached_dry.returncode == 0 and cached_dry.stdout.count(" cached ") == 4
     finally:
         subprocess.run(["umount", str(read_only)], capture_output=True)
     assert tree_state(runs) == before

@@ -15,7 +15,7 @@ from torchvision.io import decode_png, read_file
 from pipeline.prepare import Prepared
 from pipeline.presets import load_preset
 from pipeline.tracking import PipelineTracking
-from tests.pipeline.cli_helpers import run_main
+from tests.pipeline.cli_helpers import one_line_error, run_main, run_s4mim
 
 
 def _prepared(labeled: int, unlabeled: int) -> Prepared:
@@ -101,6 +101,38 @@ def test_compare_errors(capsys, store):
     assert code == 2 and "no MLflow experiment 'nope'" in err and "s4mim" in err
     code, _, err = run_main(capsys, "runs", "compare", "--format", "xml")
     assert code == 2 and "choose table, csv or json" in err
+
+
+def test_tag_values_with_quotes_are_searched_as_they_are(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    (experiment,) = [e.experiment_id for e in client.search_experiments() if e.name == "s4mim"]
+    first, second = client.search_runs([experiment], "tags.split = 'shapes-1/4'")
+    client.set_tag(first.info.run_id, "note", "it's the baseline")
+    client.set_tag(second.info.run_id, "note", 'the "best" one')
+    for value, run in (("it's the baseline", first), ('the "best" one', second)):
+        done = run_s4mim("runs", "compare", "--format", "json", "--tag", f"note={value}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [row["run_id"] for row in json.loads(done.stdout)] == [run.info.run_id]
+    done = run_s4mim("runs", "compare", "--tag", "split=it's")
+    assert done.returncode == 2
+    assert "no pipeline runs match" in one_line_error(done.stderr)
+    done = run_s4mim("runs", "compare", "--tag", """note=it's "both\"""")
+    assert done.returncode == 2
+    assert "cannot search a value holding both ' and \"" in one_line_error(done.stderr)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [(["compare", "--tag", "stage=train"], "--tag stage=train and --stage both choose the stage; use --stage train"),
+     (["compare", "--stage", "train", "--tag", "stage=train"], "use --stage train alone"),
+     (["plot", "--tag", "stage=evaluate"], "runs plot reads the pipeline runs")],
+)  # fmt: skip
+def test_a_stage_tag_is_refused_where_the_command_chooses_the_stage(store, args, expected):
+    done = run_s4mim("runs", *args)
+    assert done.returncode == 2
+    assert expected in one_line_error(done.stderr)
 
 
 def test_plot_writes_a_png_that_decodes(capsys, store, tmp_path):

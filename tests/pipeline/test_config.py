@@ -105,3 +105,21 @@ def test_testbed_presets_and_their_knobs():
         load_preset("shapes-1/8", ["variant=supervised", "train.match=epochs", "train.steps_per_epoch=null"])
     matched = load_preset("shapes48-1/8", ["variant=supervised", "train.match=epochs"])
     assert matched.stage_hash("train") != load_preset("shapes48-1/8", ["variant=supervised"]).stage_hash("train")
+
+
+def test_a_section_set_whole_merges_into_the_presets_section(tmp_path):
+    """``--set 'mim={...}'`` changes the keys it names; the others keep the preset's values (Cityscapes'
+    patch is 80, the default 32). The installed s4mim, as a user types it."""
+    from tests.pipeline.cli_helpers import one_line_error, run_s4mim
+
+    assert BUILTIN["cityscapes-1/8"]["mim"]["patch"] == 80 and Config().mim.patch == 32  # what the test tells apart
+    done = run_s4mim("presets", "--show", "cityscapes-1/8", "--set", 'mim={"ratio": 0.6}')
+    assert done.returncode == 0, done.stderr
+    mim = json.loads(done.stdout)["mim"]
+    assert mim["ratio"] == 0.6 and mim["patch"] == 80
+    derived = tmp_path / "derived.json"
+    derived.write_text(json.dumps({"base": "cityscapes-1/8", "set": {"mim": {"ratio": 0.6}}}))
+    assert load_preset(str(derived)).mim.patch == 80  # a preset file's "set" merges the same way
+    done = run_s4mim("presets", "--show", "cityscapes-1/8", "--set", 'mim={"ratioo": 0.6}')
+    assert done.returncode == 2
+    assert "unknown key mim.ratioo; valid keys in mim: " in one_line_error(done.stderr)

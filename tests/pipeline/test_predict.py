@@ -112,6 +112,22 @@ def test_an_unreadable_image_is_exit_2_unless_skipped(trained, tmp_path):
         assert [Path(r["image"]).name for r in csv.DictReader(handle)] == ["good.png"]
 
 
+def test_a_text_file_named_jpg_stops_predict_before_any_mask_is_written(trained, tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("a", "b", "c", "d", "f"):  # four images sort before the bad file, one after
+        Image.fromarray(np.full((20, 20, 3), ord(name), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "e.jpg").write_text("this is a text file, not a photo\n")
+    out = tmp_path / "preds"
+    done = run_s4mim("predict", "shapes-1/8", str(folder), "--out", str(out), env={"S4MIM_RUNS": str(trained)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = one_line_error(done.stderr)
+    assert f"{folder / 'e.jpg'}: image does not decode (the file holds text, not image data)" in line
+    assert "nothing was written" in line and "--skip-bad" in line
+    assert ".cpp" not in line and "avif" not in line and "heic" not in line  # torchvision's own words
+    assert not out.exists() or not any(out.rglob("*.png"))
+
+
 @pytest.mark.parametrize(
     "model, expected",
     [("nowhere/at/all", "is not a checkpoint, a stage folder, a preset or an MLflow model URI"),

@@ -52,7 +52,6 @@ def test_imagenet_init_offline_fails_before_training(capsys, runs, tmp_path, mon
 
 def test_doctor_reports_each_check(capsys, runs, tiny_shapes, monkeypatch):
     monkeypatch.setenv("S4MIM_DATA", str(tiny_shapes.parent))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     code, out, _ = run_main(capsys, "doctor")
     assert code == 0, out
     assert "torch" in out and f"ok    storage {runs / 'ray'}: writable" in out

@@ -150,7 +150,7 @@ def test_killed_worker_resumes_from_its_checkpoint_into_the_same_run(cluster, ti
     thread.start()
     storage = runs / "ray"
     wait_for(lambda: list(storage.glob("*/epoch_0002")), 300, "the second epoch's checkpoint")
-    victims = wait_for(train_worker_pids, 60, "a train worker")
+    victims = wait_for(lambda: train_worker_pids(cluster), 60, "a train worker of this test's cluster")
     kill(victims[-1])
     thread.join(600)
     done = outcome["done"]

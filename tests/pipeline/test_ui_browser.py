@@ -54,8 +54,7 @@ def wait_until_up(base: str, timeout: float = 120) -> None:
     raise AssertionError(f"the MLflow UI at {base} did not answer within {timeout:.0f} s")
 
 
-def test_the_runs_table_shows_runs_datasets_and_models(tiny_shapes, tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_the_runs_table_shows_runs_datasets_and_models(tiny_shapes, tmp_path):
     env = {"S4MIM_RUNS": str(tmp_path / "runs"), "RAY_AUTH_MODE": "disabled"}
     done = run_s4mim("pipeline", "run", "shapes-1/8", *tiny_args(tiny_shapes), env=env)
     assert done.returncode == 0, done.stderr[-3000:]

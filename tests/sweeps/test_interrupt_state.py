@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     flags = Path(sys.argv[2])
 
     def trainable(config):
+        (flags / f"{config['sleep']}.started").touch()
         for epoch in range(1, 4):
             time.sleep(config["sleep"])
             tune.report({"epoch": epoch})
@@ -65,10 +66,10 @@ def test_interrupted_trial_is_not_counted_as_ended(tmp_path):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not (flags / "0.2.done").exists():
+        while not (flags / "3.0.started").exists():  # the first trial ended; the second runs its first epoch
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        time.sleep(2)  # the second trial is now running its first epoch
+        assert (flags / "0.2.done").exists()
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:

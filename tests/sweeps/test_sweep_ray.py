@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -112,7 +111,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, ti
         return None
 
     first = wait_for(finished_trial, 600, "the first trial to finish", interval=1.0)
-    time.sleep(3)  # let Tune record the trial as terminated
+    # One trial at a time: Tune starts the second (which opens its run first thing) once it has ended the first.
+    wait_for(lambda: len([r for r in mlflow_runs(db) if r["tags"].get("trial_id")]) == 2, 300, "the second trial")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "sweep interrupted" in out, out[-3000:]
