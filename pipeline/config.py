@@ -349,6 +349,8 @@ class Config(Section):
             "loss": self.loss.model_dump(),
             "workers": self.scaling.workers,
         }
+        if stage in ("warmup", "train"):  # eval.* decides which epoch's checkpoint counts as the stage's best
+            parts["eval"] = self.eval.model_dump(exclude={"grid_images"})
         if stage == "warmup":
             parts["warmup"] = self.warmup.model_dump()
         if stage in ("train", "evaluate"):

@@ -16,12 +16,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The sources whose code decides each stage's output (globs relative to the project root).
+# The sources whose code decides each stage's output (globs relative to the project root). The
+# config module is among them: ``Config.terms()`` decides which losses a stage trains with.
+_TRAINING = ("model/*.py", "data_prep/*.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/stages.py")
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "prepare": ("data_prep/*.py", "pipeline/prepare.py"),
-    "warmup": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
-    "train": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py"),
-    "evaluate": ("model/*.py", "data_prep/*.py", "pipeline/engine.py", "pipeline/stages.py", "pipeline/pictures.py"),
+    "warmup": _TRAINING,
+    "train": _TRAINING,
+    "evaluate": (*_TRAINING, "pipeline/pictures.py"),
     "pretrain": (
         "model/backbones.py",
         "data_prep/corpus.py",
@@ -54,9 +55,10 @@ def source_digest(path: Path) -> str:
 
 
 def code_fingerprint(stage: str, root: Path = ROOT) -> str:
-    """One hash over the code of every source that decides ``stage``'s output."""
-    files = sorted({path for pattern in STAGE_CODE[stage] for path in root.glob(pattern)})
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}:{source_digest(path)}\n".encode())
-    return digest.hexdigest()[:12]
+    """One hash over the code of every source that decides ``stage``'s output.
+
+    It covers the code only, not where it sits: the sources' digests are hashed in sorted order,
+    without their paths, so that moving or renaming a file (within the globs) reruns nothing."""
+    files = {path for pattern in STAGE_CODE[stage] for path in root.glob(pattern)}
+    digests = sorted(source_digest(path) for path in files)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:12]

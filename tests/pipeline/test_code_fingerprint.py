@@ -85,4 +85,43 @@ def test_a_loss_change_invalidates_training_but_not_prepare(tiny_shapes, tmp_pat
 def test_fingerprints_cover_the_stage_code_only():
     assert code_fingerprint("warmup") == code_fingerprint("train")
     assert code_fingerprint("evaluate") != code_fingerprint("train")  # it also draws the picture grid
-    assert code_fingerprint("prepare") != code_fingerprint("train")
+    assert code_fingerprint("pretrain") != code_fingerprint("train")
+
+
+def _copy_code(target: Path) -> Path:
+    for package in ("pipeline", "model", "data_prep"):
+        shutil.copytree(ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__", "standin"))
+    return target
+
+
+def test_the_config_code_that_picks_the_losses_is_in_the_training_fingerprints(tmp_path):
+    project = _copy_code(tmp_path / "project")
+    before = {stage: code_fingerprint(stage, project) for stage in ("warmup", "train", "evaluate")}
+    config = project / "pipeline" / "config.py"
+    source = config.read_text()
+    assert "def terms(self" in source
+    config.write_text(source + "\n\nCONFIG_CODE_VERSION = 2\n")
+    source_digest.cache_clear()
+    after = {stage: code_fingerprint(stage, project) for stage in before}
+    assert all(after[stage] != before[stage] for stage in before), (before, after)
+
+
+def test_moving_a_source_alone_changes_no_fingerprint(tmp_path):
+    project = _copy_code(tmp_path / "project")
+    before = {stage: code_fingerprint(stage, project) for stage in ("warmup", "train", "evaluate", "pretrain")}
+    (project / "model" / "losses.py").rename(project / "model" / "loss_terms.py")  # still under model/*.py
+    assert {stage: code_fingerprint(stage, project) for stage in before} == before
+
+
+def test_eval_settings_are_hashed_by_every_stage_whose_best_checkpoint_they_pick():
+    from pipeline.config import apply_overrides
+    from pipeline.presets import load_preset
+
+    base = load_preset("shapes-1/8")
+    window = apply_overrides(base, {"eval.mode": "sliding_window", "eval.crop": 48})
+    for stage in ("warmup", "train", "evaluate"):
+        assert window.stage_hash(stage, "inputs") != base.stage_hash(stage, "inputs"), stage
+    fewer_pictures = apply_overrides(base, {"eval.grid_images": 2})  # the grid is drawn by evaluate alone
+    for stage in ("warmup", "train"):
+        assert fewer_pictures.stage_hash(stage, "inputs") == base.stage_hash(stage, "inputs"), stage
+    assert fewer_pictures.stage_hash("evaluate", "inputs") != base.stage_hash("evaluate", "inputs")
