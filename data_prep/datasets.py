@@ -117,14 +117,13 @@ class ShardedSampler(Sampler[Key]):
             raise ValueError("cannot sample from an empty dataset")
         self.size, self.per_rank, self.rank, self.world = size, per_rank, rank, world
         self.seed, self.stream = seed, stream
-        self.epoch, self.start = 0, 0
+        self.epoch = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch; ``start`` skips this rank's first samples (resuming mid-epoch)."""
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return self.per_rank
 
     def __iter__(self):
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.stream * 10_007 + self.epoch) % 2**63)
@@ -132,7 +131,7 @@ class ShardedSampler(Sampler[Key]):
         passes = -(-total // self.size)
         order = torch.cat([torch.randperm(self.size, generator=gen) for _ in range(passes)])[:total]
         seeds = torch.randint(0, 2**62, (total,), generator=gen)
-        positions = range(self.rank + self.start * self.world, total, self.world)
+        positions = range(self.rank, total, self.world)
         return iter([(int(order[p]), int(seeds[p])) for p in positions])
 
 

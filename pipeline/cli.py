@@ -21,6 +21,8 @@ import typer
 
 from pipeline.console import set_verbose
 from pipeline.errors import UsageError, find_user_error
+from pipeline.paths import rank
+from pipeline.paths import ray_address as resolve_address
 
 app = typer.Typer(
     help="s4mim: semi-supervised semantic segmentation with masked image modeling (S4MIM).",
@@ -214,22 +216,6 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
     return RayBackend(runs, uri, ray_address)  # joins Ray in begin(), once the data is prepared
 
 
-def _prepared(config, runs):
-    """Prepare on rank 0 first, then on the other ranks (which find it cached)."""
-    from pipeline.prepare import prepare_stage
-
-    if _under_torchrun():
-        import torch.distributed as dist
-
-        from pipeline.local import init_distributed
-
-        rank, _, _ = init_distributed()
-        if rank == 0:
-            prepare_stage(config, runs)
-        dist.barrier()
-    return prepare_stage(config, runs)
-
-
 def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
     from pipeline.orchestrate import finished_stage
 
@@ -242,13 +228,14 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
     return result["checkpoint"]
 
 
-def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, checkpoint=None) -> dict:
-    from pipeline.orchestrate import finished_stage, open_stage_folder, stage_folder, stage_lock, tracked
+def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, force=False,
+                       checkpoint=None) -> dict:  # fmt: skip
+    from pipeline.orchestrate import claimed, prepare_inputs, run_claimed, stage_folder, tracked
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
     backend = _backend(config, runs, ray_address, tracking, local)
-    prepared = _prepared(config, runs)
+    prepared = prepare_inputs(config, runs)
     if stage == "train":
         from pipeline.prepare import check_unlabeled
 
@@ -258,28 +245,25 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
         init = str(checkpoint) if checkpoint else _finished(runs, config, "train", prepared, "s4mim evaluate")
     else:
         init = None
-    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
-    if checkpoint is not None:  # scoring another checkpoint: its own folder, never the pipeline's cache
+    own = None
+    if checkpoint is not None:  # scoring another checkpoint: a folder of its own, never the pipeline's cache
         import hashlib
 
         digest = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
-        folder = folder.with_name(f"{folder.name}-ckpt{digest}")
-    with stage_lock(folder, stage):  # before the cache check: a stage another process is running is not finished
-        if checkpoint is None:
-            cached, done = finished_stage(runs, config, stage, prepared.inputs_hash)
-            if done is not None:
-                typer.echo(
-                    f"[{stage}] already finished for this config: {cached} "
-                    f"(s4mim pipeline run --force {stage} reruns it)"
-                )
-                return done
-            open_stage_folder(runs, config, stage, prepared.inputs_hash)
-        folder.mkdir(parents=True, exist_ok=True)
+        cache = stage_folder(runs, config, stage, prepared.inputs_hash)
+        own = cache.with_name(f"{cache.name}-ckpt{digest}")
+    with claimed(runs, config, stage, prepared, force=force, folder=own) as claim:
+        if claim.result is not None:
+            typer.echo(f"[{stage}] already finished for this config: {claim.folder} (--force reruns it)")
+            return claim.result
         with tracked(backend, config, prepared) as run:
-            result = backend.run_stage(config, stage, prepared, folder, init)
+            result = run_claimed(backend, config, prepared, claim, init)
     if run.parent_run_id:
         typer.echo(f"MLflow parent run {run.parent_run_id}")
     return result
+
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run the stage again even if it is cached.")]
 
 
 @app.command()
@@ -290,12 +274,13 @@ def warmup(
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
+    force: ForceOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Teacher warmup: supervised training on the labeled split (a Ray Train job)."""
     set_verbose(verbose)
-    result = _run_stage_command("warmup", preset, set_, data_root, ray_address, tracking_uri, local)
-    if result and int(os.environ.get("RANK", "0")) == 0:
+    result = _run_stage_command("warmup", preset, set_, data_root, ray_address, tracking_uri, local, force)
+    if result and rank() == 0:
         typer.echo(f"[warmup] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
 
 
@@ -307,12 +292,13 @@ def train(
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
+    force: ForceOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Semi-supervised training (the preset's variant) from the warmup teacher (a Ray Train job)."""
     set_verbose(verbose)
-    result = _run_stage_command("train", preset, set_, data_root, ray_address, tracking_uri, local)
-    if result and int(os.environ.get("RANK", "0")) == 0:
+    result = _run_stage_command("train", preset, set_, data_root, ray_address, tracking_uri, local, force)
+    if result and rank() == 0:
         typer.echo(f"[train] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
 
 
@@ -327,13 +313,16 @@ def evaluate(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint to score (default: the best of the train stage).")
     ] = None,
+    force: ForceOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """mIoU, per-class IoU table and a picture grid on the val set (a Ray Train job)."""
     set_verbose(verbose)
     if checkpoint is not None and not checkpoint.exists():
         raise UsageError(f"--checkpoint {checkpoint}: no such file")
-    result = _run_stage_command("evaluate", preset, set_, data_root, ray_address, tracking_uri, local, checkpoint)
+    result = _run_stage_command(
+        "evaluate", preset, set_, data_root, ray_address, tracking_uri, local, force, checkpoint
+    )
     if result and result.get("iou"):
         for name, value in result["iou"].items():
             typer.echo(f"  {name:<24} {value:6.2f}")
@@ -394,6 +383,8 @@ def pipeline_run(
         return
     backend = _backend(config, runs, ray_address, tracking_uri, local)
     result = run_pipeline(config, runs, backend, force=force or [])
+    if rank() != 0:  # under torchrun the summary is rank 0's to print
+        return
     typer.echo("")
     typer.echo(f"summary for {config.preset} (variant {config.variant})")
     typer.echo(summary_table(result.statuses))
@@ -438,7 +429,7 @@ def predict(
     if batch_size < 1 or workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
     options = Options(out.absolute(), overlay, confidence, skip_bad, batch_size)
-    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(ray_address)
     outcome = run_predict(model, inputs, options, runs=_runs(), device=device, amp=amp, mode=mode,
                           ray_address=address, workers=workers, tracking_uri=tracking_uri)  # fmt: skip
     for row in outcome.skipped:
@@ -654,7 +645,7 @@ def quality(
         typer.echo(connect(ray_address))
         uri = resolve_uri(base, tracking_uri)
         Tracker(uri).experiment(EXPERIMENT)  # the store and experiment exist before the runs race to make them
-        joined = ray_address or os.environ.get("RAY_ADDRESS")
+        joined = resolve_address(ray_address)
         address = joined if joined not in (None, "local") else ray.get_runtime_context().gcs_address
         target = ["--ray-address", address, "--tracking-uri", uri]
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree

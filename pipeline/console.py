@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+
+from pipeline.paths import rank
 
 EVENT_MARK = "@s4mim-event "  # a worker's stdout line that is meant for the console, as JSON after the mark
 PLAIN_INTERVAL = 10.0  # seconds between plain progress lines when stdout is not a terminal
@@ -31,7 +32,7 @@ _capturing = 0  # chatter_into blocks open (they nest: a command's log, then a s
 
 
 def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return rank() == 0
 
 
 def set_verbose(on: bool) -> None:

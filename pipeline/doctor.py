@@ -6,8 +6,8 @@ import os
 import platform
 
 from pipeline.console import say
-from pipeline.errors import UsageError
 from pipeline.paths import data_dir, runs_dir
+from pipeline.paths import ray_address as resolve_address
 
 
 def run_doctor(ray_address: str | None, tracking: str | None) -> int:
@@ -41,7 +41,7 @@ def run_doctor(ray_address: str | None, tracking: str | None) -> int:
     uri = tracking_uri(None, tracking)
     check(f"MLflow {uri}", lambda: (check_tracking_uri(uri), "answers")[1])
 
-    address = ray_address or os.environ.get("RAY_ADDRESS")
+    address = resolve_address(ray_address)
     if address:
         check(f"Ray cluster {address}", lambda: _cluster(address))
     else:
@@ -77,9 +77,6 @@ def _cluster(address: str) -> str:
 def _dataset(name: str, root) -> str:
     from data_prep.readers import read_dataset
 
-    try:
-        index = read_dataset(name, root)
-    except UsageError as exc:
-        raise RuntimeError(str(exc)) from None
+    index = read_dataset(name, root)
     train = sum(s.split == "train" for s in index.samples)
     return f"{train} train, {len(index.samples) - train} val images, {index.num_classes} classes"

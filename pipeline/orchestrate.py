@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -30,11 +31,12 @@ from pipeline.config import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.local import read_result
-from pipeline.paths import slug
+from pipeline.paths import rank, slug
 from pipeline.prepare import Prepared, check_unlabeled, peek_prepared, prepare_stage
 
 STAGES = ("prepare", "warmup", "train", "evaluate")
 HASH_FILE = "hash.json"
+CACHE_FOLDER = re.compile(r"[a-z]+-[0-9a-f]{12}")  # a cached stage's folder: <stage>-<stage hash>
 
 
 class Backend(Protocol):
@@ -92,9 +94,8 @@ def stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Pa
     return runs / "stages" / slug(config.preset) / f"{stage}-{config.stage_hash(stage, inputs_hash)}"
 
 
-def open_stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Path:
-    """The stage's folder, made, with ``hash.json``: what its hash covers, for explaining later misses."""
-    folder = stage_folder(runs, config, stage, inputs_hash)
+def open_stage_folder(folder: Path, config: Config, stage: str, inputs_hash: str) -> Path:
+    """``folder``, made, with ``hash.json``: what the stage's hash covers, for explaining later misses."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_if_changed(folder / HASH_FILE, json.dumps(config.stage_hash_parts(stage, inputs_hash), indent=2) + "\n")
     return folder
@@ -118,7 +119,7 @@ def stage_lock(folder: Path, stage: str) -> Iterator[None]:
     """
     refusal = None
     with ExitStack() as held:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank() == 0:
             try:
                 held.enter_context(_flock(lock_path(folder), f"the {stage} stage", folder))
             except UsageError as exc:
@@ -175,7 +176,7 @@ def why_not_cached(runs: Path, config: Config, stage: str, inputs_hash: str) -> 
     parts = config.stage_hash_parts(stage, inputs_hash)
     earlier = []
     for folder in (runs / "stages" / slug(config.preset)).glob(f"{stage}-*"):
-        if (folder / "result.json").is_file():
+        if CACHE_FOLDER.fullmatch(folder.name) and (folder / "result.json").is_file():  # not evaluate -ckpt...
             earlier.append(((folder / "result.json").stat().st_mtime, folder))
     if not earlier:
         return ""
@@ -199,6 +200,71 @@ def finished_stage(runs: Path, config: Config, stage: str, inputs_hash: str) -> 
             if other != own and (result := read_result(other)) is not None:
                 return other, result
     return own, result
+
+
+def prepare_inputs(config: Config, runs: Path, *, force: bool = False) -> Prepared:
+    """The prepare stage, for every command that runs stages. Under torchrun rank 0 prepares first and
+    the other ranks, after a barrier, find the data, manifest and split it wrote: were they all to
+    generate a missing dataset at once, all but one would fail to move theirs into place."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from pipeline.local import init_distributed
+
+        init_distributed()
+        if rank() == 0:
+            prepare_stage(config, runs, force=force)
+        dist.barrier()
+        return prepare_stage(config, runs)
+    return prepare_stage(config, runs, force=force)
+
+
+@dataclass
+class Claim:
+    """A stage a command holds: its cached result, or its lock and the folder it is to run into."""
+
+    stage: str
+    folder: Path
+    result: dict | None  # the cached result; None when the stage is to run
+    forced: bool = False
+
+
+@contextmanager
+def claimed(runs: Path, config: Config, stage: str, prepared: Prepared, *, force: bool = False,
+            folder: Path | None = None) -> Iterator[Claim]:  # fmt: skip
+    """Look ``stage`` up in the cache, and lock it when it is to run; the lock is held for the block.
+
+    The cache is looked at again under the lock: a stage another process was running when this one
+    first looked may have finished since. ``force`` runs it whatever the cache holds. ``folder``
+    names a folder outside the cache (``evaluate --checkpoint``): the stage always runs there.
+    """
+    own = folder or stage_folder(runs, config, stage, prepared.inputs_hash)
+    if folder is None and not force:
+        found, result = finished_stage(runs, config, stage, prepared.inputs_hash)
+        if result is not None:  # a finished stage is only read: no lock, so runs that share it go side by side
+            yield Claim(stage, found, result)
+            return
+    with stage_lock(own, stage):
+        if folder is None and not force:
+            found, result = finished_stage(runs, config, stage, prepared.inputs_hash)
+            if result is not None:
+                yield Claim(stage, found, result)
+                return
+        yield Claim(stage, own, None, forced=force)
+
+
+def run_claimed(backend: Backend, config: Config, prepared: Prepared, claim: Claim, init_checkpoint) -> dict:
+    """The claimed stage's result: the cached one, or that of running it now into its folder (emptied,
+    and its Ray run forgotten, when forced), which gets its ``hash.json`` first."""
+    if claim.result is not None:
+        say(f"[{claim.stage}] cached: {claim.folder}")
+        return claim.result
+    if claim.forced:
+        shutil.rmtree(claim.folder, ignore_errors=True)
+        backend.forget(config, claim.stage, prepared)
+    open_stage_folder(claim.folder, config, claim.stage, prepared.inputs_hash)
+    say(f"[{claim.stage}] running -> {claim.folder}")
+    return backend.run_stage(config, claim.stage, prepared, claim.folder, init_checkpoint)
 
 
 def forced_stages(force: list[str]) -> set[str]:
@@ -243,7 +309,7 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
     forced = forced_stages(force or [])
     statuses: list[StageStatus] = []
     started = time.perf_counter()
-    prepared = prepare_stage(config, runs, force="prepare" in forced)
+    prepared = prepare_inputs(config, runs, force="prepare" in forced)
     statuses.append(
         StageStatus(
             "prepare",
@@ -252,31 +318,19 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
             detail=f"{prepared.labeled} labeled, {prepared.unlabeled} unlabeled, {prepared.val} val",
         )
     )
-    if "train" in forced or finished_stage(runs, config, "train", prepared.inputs_hash)[1] is None:
-        check_unlabeled(config, prepared)
-    with ExitStack() as locks:  # every stage to run is locked before anything is tracked: a refused run leaves no trace
-        for stage in STAGES[1:]:
-            if stage in forced or finished_stage(runs, config, stage, prepared.inputs_hash)[1] is None:
-                locks.enter_context(stage_lock(stage_folder(runs, config, stage, prepared.inputs_hash), stage))
+    with ExitStack() as held:  # every stage to run is locked before anything is tracked: a refused run leaves no trace
+        claims = [
+            held.enter_context(claimed(runs, config, stage, prepared, force=stage in forced)) for stage in STAGES[1:]
+        ]
+        if next(c for c in claims if c.stage == "train").result is None:
+            check_unlabeled(config, prepared)
         with tracked(backend, config, prepared) as run:
             checkpoint: str | None = None
-            for stage in STAGES[1:]:
-                folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
-                if result is not None and stage not in forced:
-                    say(f"[{stage}] cached: {folder}")
-                    statuses.append(StageStatus(stage, "cached", folder, miou=_miou(result), result=result))
-                else:
-                    folder = stage_folder(runs, config, stage, prepared.inputs_hash)
-                    if stage in forced:
-                        shutil.rmtree(folder, ignore_errors=True)
-                        backend.forget(config, stage, prepared)
-                    folder = open_stage_folder(runs, config, stage, prepared.inputs_hash)
-                    say(f"[{stage}] running -> {folder}")
-                    t0 = time.perf_counter()
-                    result = backend.run_stage(config, stage, prepared, folder, checkpoint)
-                    statuses.append(
-                        StageStatus(stage, "ran", folder, time.perf_counter() - t0, _miou(result), result=result)
-                    )
+            for claim in claims:
+                t0 = time.perf_counter()
+                result = run_claimed(backend, config, prepared, claim, checkpoint)
+                status, seconds = ("cached", 0.0) if claim.result is not None else ("ran", time.perf_counter() - t0)
+                statuses.append(StageStatus(claim.stage, status, claim.folder, seconds, _miou(result), result=result))
                 checkpoint = result.get("checkpoint", checkpoint)
     return PipelineResult(statuses, run.parent_run_id)
 

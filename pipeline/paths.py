@@ -1,4 +1,6 @@
-"""Default locations: run outputs under ``runs/`` ($S4MIM_RUNS), datasets under ``data/`` ($S4MIM_DATA)."""
+"""What the environment says about where things are: run outputs under ``runs/`` ($S4MIM_RUNS),
+datasets under ``data/`` ($S4MIM_DATA), the Ray cluster ($RAY_ADDRESS) and this process's rank
+under torchrun ($RANK)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,16 @@ def runs_dir() -> Path:
 
 def data_dir() -> Path:
     return Path(os.environ.get("S4MIM_DATA", "data")).expanduser().absolute()
+
+
+def ray_address(given: str | None = None) -> str | None:
+    """The Ray cluster a command joins: ``--ray-address``, else $RAY_ADDRESS, else None (a private local Ray)."""
+    return given or os.environ.get("RAY_ADDRESS") or None
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 outside it)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def slug(name: str) -> str:

@@ -40,6 +40,11 @@ class Prepared:
         return self.labeled / max(1, self.labeled + self.unlabeled)
 
 
+def labeled_hash(ids: list[str]) -> str:
+    """The split's part of a stage's inputs hash: the labeled ids in the order labeled.txt lists them."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
+
+
 def dataset_root(config: Config) -> Path:
     """``data.root``, or ``$S4MIM_DATA/<dataset>`` (``shapes-seedN`` for another shapes seed)."""
     if config.data.root:
@@ -87,7 +92,7 @@ def split_folder(runs: Path, manifest: Path, config: Config, labeled_ids: list[s
         else f"{slug(d.split)}-seed{d.split_seed}"
     )
     if labeled_ids is not None:
-        name = "ids-" + hashlib.sha256("\n".join(sorted(labeled_ids)).encode()).hexdigest()[:10]
+        name = "ids-" + labeled_hash(sorted(labeled_ids))
     return runs / "splits" / manifest.stem / name
 
 
@@ -124,12 +129,11 @@ def prepare_stage(config: Config, runs: Path, *, skip_bad: bool = False, force: 
         labeled_ids_source=f"--set data.labeled_ids={config.data.labeled_ids}",
     )
     write_split(split, folder)
-    split_hash = hashlib.sha256("\n".join(split.labeled).encode()).hexdigest()[:10]
     return Prepared(
         manifest.path,
         folder,
         manifest.content_hash,
-        split_hash,
+        labeled_hash(split.labeled),
         len(split.labeled),
         len(split.unlabeled),
         len(split.val),
@@ -165,4 +169,4 @@ def peek_prepared(config: Config, runs: Path) -> str | None:
     if not labeled_file.is_file():
         return None
     ids = [line for line in labeled_file.read_text().splitlines() if line]
-    return f"{manifest.content_hash}-{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:10]}"
+    return f"{manifest.content_hash}-{labeled_hash(ids)}"

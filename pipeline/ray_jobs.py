@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.console import event, prints_into, say
 from pipeline.errors import UsageError, find_user_error
-from pipeline.paths import slug
+from pipeline.paths import ray_address, slug
 from pipeline.worker_logs import route_worker_output, stage_log, tail
 
 STATE_FILE = "state.pt"
@@ -49,7 +50,7 @@ def _reachable(address: str, timeout: float = 3.0) -> bool:
 
 def check_reachable(address: str | None) -> None:
     """Fail fast when a named cluster does not answer (before any data is prepared)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     if address and address not in ("auto", "local") and not _reachable(address):
         raise UsageError(
             f"no Ray cluster answers at {address}; start one with 'ray start --head', fix --ray-address, "
@@ -67,7 +68,7 @@ def connect(address: str | None = None) -> str:
     """
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     if ray.is_initialized():
         return "connected"
     check_reachable(address)
@@ -116,6 +117,18 @@ def check_fits(config: Config) -> None:
 
 def storage_path(runs: Path) -> str:
     return os.environ.get("S4MIM_STORAGE") or str(runs / "ray")
+
+
+def remove_storage_tree(path: str) -> None:
+    """Delete a folder of the Ray storage, a local path or a URI (s3://, gs://, file://); a missing one is fine."""
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(path)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir(root)
 
 
 def check_storage(path: str) -> None:
@@ -464,9 +477,9 @@ def _fit_keeping_ctrl_c(trainer):
 
 
 def best_checkpoint_path(result) -> str:
+    """The path (or URI) of the run's best checkpoint by val score, or of its last when none is ranked."""
     best = result.get_best_checkpoint("val/score", "max") if result.best_checkpoints else None
-    checkpoint = best or result.checkpoint
-    return checkpoint.path if "://" not in str(checkpoint.path) else str(checkpoint.path)
+    return str((best or result.checkpoint).path)
 
 
 class RayBackend:
@@ -497,17 +510,7 @@ class RayBackend:
 
     def forget(self, config: Config, stage: str, prepared) -> None:
         """Remove a stage's Ray run so that it starts from scratch (``--force``)."""
-        import shutil
-
-        target = f"{self.storage.rstrip('/')}/{run_name(config, stage, prepared.inputs_hash)}"
-        if "://" in target:
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(target)
-            if fs.get_file_info(path).type != pafs.FileType.NotFound:
-                fs.delete_dir(path)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
+        remove_storage_tree(f"{self.storage.rstrip('/')}/{run_name(config, stage, prepared.inputs_hash)}")
 
     def run_stage(self, config: Config, stage: str, prepared, folder: Path, init_checkpoint) -> dict:
         run_id = self.pipeline.stage_run(stage) if self.pipeline else None

@@ -13,6 +13,7 @@ provides one for a plain process (or torchrun), ``pipeline.ray_jobs`` one for Ra
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -155,7 +156,11 @@ def build_data(
 
 def val_loader(config: Config, manifest: Manifest, split: Split, rank: int, world: int) -> DataLoader:
     """This rank's share of the val set, equal-size images batched together."""
-    val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
+    return loader_over(EvalDataset(_rows(manifest, split.val), manifest.label_lut), config, rank, world)
+
+
+def loader_over(val_set: EvalDataset, config: Config, rank: int, world: int) -> DataLoader:
+    """This rank's share of ``val_set``, equal-size images batched together."""
     batches = size_grouped_batches(val_set.rows, eval_indices(len(val_set), rank, world), config.data.batch_size)
     workers = min(config.data.loader_workers, 2)
     return DataLoader(val_set, batch_sampler=batches, num_workers=workers, worker_init_fn=ignore_interrupts)
@@ -259,7 +264,17 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         "curve": curve,  # val mIoU at each evaluation, with the step it came after
         "epoch_seconds": epoch_seconds,
         "seconds": time.perf_counter() - started,
+        "parameters": gather(parameter_digest(engine.model)),  # one per rank: DDP keeps them equal
     }
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's parameters (names, shapes and values), to tell whether two copies agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class EpochProgress:
@@ -299,7 +314,7 @@ def evaluate(
     load_weights(model, weights)
     engine = Engine(model, config, manifest.num_classes, device, variant="supervised", total_steps=1)
     val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
-    loader = val_loader(config, manifest, split, rank, world)
+    loader = loader_over(val_set, config, rank, world)
     if progress is not None:
         loader = counted(loader, len(loader), progress)
     confusion = engine.evaluate(loader, config.eval.mode, config.eval_crop, config.eval.stride)

@@ -23,6 +23,8 @@ from pipeline.config import Config
 from pipeline.errors import UsageError
 from pipeline.paths import runs_dir, unwritable_reason
 
+ROOT = Path(__file__).resolve().parents[1]  # the project checkout, when installed editable or run from one
+
 KEY_TAG = "s4mim.key"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
 MODEL_NAME = "model"  # the artifact path of the train stage's logged model
@@ -61,22 +63,21 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
             raise UsageError(f"MLflow store folder {folder} is not writable ({reason}); pass another --tracking-uri")
 
 
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
+def _git(*args: str) -> str | None:
+    """The output of a git command in the project's checkout, or None outside one (or without git)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return sha.stdout.strip()[:12] + ("-dirty" if dirty.stdout.strip() else "")
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_sha() -> str:
+    """The checkout's commit, short, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
         return "unknown"
+    return commit[:12] + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def flat_params(config: Config) -> dict[str, str]:
@@ -227,13 +228,9 @@ def using_tracking_uri(uri: str):
 def source_tags() -> dict[str, str]:
     """The tags MLflow shows in its Source column: the s4mim command and, in a git checkout, the commit."""
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "s4mim"}
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if commit.returncode == 0:
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
     return tags
 
 

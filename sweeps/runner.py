@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,22 +137,18 @@ def _fingerprint(spec: SweepSpec) -> str:
 
 def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> SweepOutcome:
     """Warm up once (or reuse the cached warmup), then run or restore the Tune experiment."""
-    from contextlib import ExitStack
     from functools import partial
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.orchestrate import finished_stage, stage_lock
-    from pipeline.prepare import prepare_stage
+    from pipeline.orchestrate import claimed, prepare_inputs, run_claimed
+    from pipeline.ray_jobs import remove_storage_tree
 
     base = spec.check_keys()
-    prepared = prepare_stage(base, runs)
-    warm_folder, warm = finished_stage(runs, base, "warmup", prepared.inputs_hash)
-    with ExitStack() as warm_lock:
-        if warm is None:  # locked before the sweep's run is tracked, so a refused sweep leaves no trace
-            warm_lock.enter_context(stage_lock(warm_folder, "warmup"))
-            warm_folder, warm = finished_stage(runs, base, "warmup", prepared.inputs_hash)
+    prepared = prepare_inputs(base, runs)
+    # Claimed before the sweep's run is tracked, so that a refused sweep leaves no trace.
+    with claimed(runs, base, "warmup", prepared) as warm_claim:
         backend.begin(
             base,
             prepared,
@@ -173,19 +168,14 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
         )
         ok = interrupted = False
         try:
-            if warm is None:
-                say(f"[warmup] running -> {warm_folder} (shared by every trial)")
-                warm_folder.mkdir(parents=True, exist_ok=True)
-                warm = backend.run_stage(base, "warmup", prepared, warm_folder, None)
-                warm_lock.close()  # the trials only read the finished teacher
-            else:
-                say(f"[warmup] cached: {warm_folder} (shared by every trial)")
+            say("[warmup] shared by every trial")
+            warm = run_claimed(backend, base, prepared, warm_claim, None)
 
             experiments = f"{backend.storage.rstrip('/')}/sweeps"
             path = f"{experiments}/{spec.name}"
             marker = runs / "sweeps" / spec.name / "spec.json"
             if fresh:
-                shutil.rmtree(path, ignore_errors=True) if "://" not in path else None
+                remove_storage_tree(path)  # the Tune experiment, wherever it is stored, so nothing restores it
                 marker.unlink(missing_ok=True)
             tracking = None
             if backend.pipeline is not None:

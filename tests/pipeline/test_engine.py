@@ -47,7 +47,8 @@ def test_step_reports_spec_metric_names(tiny_config, variant):
     assert set(metrics) == expected
     assert all(torch.isfinite(v) for v in metrics.values())
     if variant == "s4mim":
-        assert metrics["loss_cmim"] > 0 and metrics["loss_fa"] >= 0
+        assert metrics["loss_cmim"] > 0
+        assert 0 < metrics["loss_fa"] < 2  # 1 - cos of features that a random model does not align, nor oppose
     assert engine.step == 1
 
 

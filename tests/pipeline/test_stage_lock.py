@@ -72,3 +72,33 @@ def test_a_sweep_stops_before_tracking_when_its_warmup_is_in_use(tiny_shapes, tm
         assert "the warmup stage is already running in another s4mim" in one_line_error(done.stderr)
         assert _untracked_state(runs) == before
     assert mlflow_runs(runs / "mlflow.db") == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_rank_0_prepares_before_the_others(monkeypatch, tmp_path, rank):
+    """Every command that runs stages prepares through ``prepare_inputs``; ``pipeline run`` did not."""
+    import torch.distributed as dist
+
+    from pipeline import local, orchestrate
+    from pipeline.local import LocalBackend
+    from pipeline.presets import load_preset
+
+    events = []
+
+    class Stop(Exception):
+        pass
+
+    def prepare(config, runs, **kwargs):
+        events.append("prepare")
+        if events.count("prepare") == (2 if rank == 0 else 1) and "barrier" in events:
+            raise Stop  # the last preparation this rank makes: stop before any training
+        return None
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(local, "init_distributed", lambda: (rank, 2, None))
+    monkeypatch.setattr(dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(orchestrate, "prepare_stage", prepare)
+    with pytest.raises(Stop):
+        orchestrate.run_pipeline(load_preset("shapes-1/8"), tmp_path / "runs", LocalBackend())
+    assert events == (["prepare", "barrier", "prepare"] if rank == 0 else ["barrier", "prepare"])

@@ -132,3 +132,41 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, ti
     ids = {r["tags"]["trial_id"] for r in trials}
     table = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in ids]
     assert len(table) == 2 and all(row[-1] in ("completed", "stopped") for row in table)
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_remove_storage_tree_deletes_a_folder_given_as_a_path_or_a_uri(tmp_path, as_uri):
+    from pipeline.ray_jobs import remove_storage_tree
+
+    folder = tmp_path / "sweeps" / "old"
+    (folder / "trial").mkdir(parents=True)
+    (folder / "trial" / "result.json").write_text("{}")
+    keep = tmp_path / "sweeps" / "other"
+    keep.mkdir()
+    remove_storage_tree(folder.as_uri() if as_uri else str(folder))
+    assert not folder.exists() and keep.is_dir()
+    remove_storage_tree(folder.as_uri() if as_uri else str(folder))  # already gone: nothing to do, no error
+
+
+@pytest.mark.slow
+def test_fresh_sweep_on_uri_storage_starts_over(cluster, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    storage = tmp_path / "storage"
+    env = {**env_for(runs, cluster.address), "S4MIM_STORAGE": storage.as_uri()}
+    spec = _spec(tmp_path, tiny_shapes, "tiny-fresh", [0.3], epochs=1)
+    first = _sweep(spec, env)
+    out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-3000:]
+    assert (storage / "sweeps" / "tiny-fresh").is_dir()
+
+    changed = _spec(tmp_path, tiny_shapes, "tiny-fresh", [0.6], epochs=1)  # same name, another spec
+    refused = _sweep(changed, env)
+    out, err = refused.communicate(timeout=900)
+    assert refused.returncode == 2 and "pass --fresh" in err, (out[-2000:], err[-2000:])
+
+    fresh = subprocess.run([sys.executable, "-m", "pipeline", "sweep", changed, "--fresh"], capture_output=True,
+                           text=True, env={**os.environ, **env}, timeout=900)  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "restoring sweep" not in fresh.stdout
+    best = json.loads((runs / "presets" / "tiny-fresh-best.json").read_text())
+    assert best["set"]["mim.ratio"] == 0.6  # the new spec's only trial, not the restored old one
