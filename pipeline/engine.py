@@ -1,4 +1,4 @@
-"""The training engine: one step per variant, one epoch, and evaluation. Plain torch only.
+"""The training engine: one step per variant and one epoch (scoring is pipeline.inference). Plain torch only.
 
 It runs in one process or under torchrun (DDP; gloo on CPU, NCCL on GPU) and never asks whether
 Ray is around: stages wrap it from outside. A step returns detached tensors and never waits for
@@ -7,15 +7,13 @@ the device; the epoch loop reads numbers only when it logs.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -43,6 +41,7 @@ from model.masking import (
     sample_classes,
 )
 from pipeline.config import Config
+from pipeline.inference import Inference
 
 LOSS_METRICS = ("loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "loss_smim")
 
@@ -147,6 +146,7 @@ class Engine:
         if is_distributed() and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model  # the plain module: checkpoints and evaluation use it
+        self.inference = Inference(model, num_classes, device, amp=optim.amp, channels_last=optim.channels_last)
         self.net = (
             DistributedDataParallel(
                 model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
@@ -164,7 +164,6 @@ class Engine:
             momentum=optim.momentum,
             weight_decay=optim.weight_decay,
         )
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[optim.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=optim.amp == "fp16")
         self.ema = None
         if variant != "supervised" and config.unimatch.teacher == "ema":
@@ -199,9 +198,7 @@ class Engine:
     # -- training ------------------------------------------------------------------------------
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.inference.autocast()
 
     def _set_lr(self) -> float:
         power = self.config.optim.poly_power
@@ -432,33 +429,6 @@ class Engine:
     def _world() -> int:
         return dist.get_world_size() if is_distributed() else 1
 
-    # -- evaluation ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def predict(self, image: torch.Tensor, mode: str, crop: int, stride: float) -> torch.Tensor:
-        """Class scores (B, K, H, W) for normalised images, in one of the evaluation modes."""
-        model = self.model
-        model.eval()
-        image = image.to(self.device).contiguous(memory_format=self.memory_format)
-        with self.autocast():
-            if mode == "sliding_window":
-                return sliding_window(model, image, self.num_classes, crop, stride).float()
-            return model(image).logits.float()
-
-    @torch.no_grad()
-    def evaluate(self, loader: Iterable[dict], mode: str, crop: int, stride: float = 2 / 3) -> torch.Tensor:
-        """Confusion matrix (K, K) over the loader, summed across ranks; rows are ground truth."""
-        confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=self.device)
-        for batch in loader:
-            image, label = batch["image"], batch["label"]
-            if mode == "center_crop":
-                image, label = center_crop(image, label, crop)
-            pred = self.predict(image, mode, crop, stride).argmax(dim=1)
-            confusion += confusion_matrix(pred, label.to(self.device), self.num_classes)
-        if is_distributed():
-            dist.all_reduce(confusion)
-        return confusion
-
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of a list of tensors taken as one vector."""
@@ -479,60 +449,3 @@ def pseudo_label_accuracy(
         "pseudo_acc": hit.sum() / known.sum().clamp_min(1),
         "pseudo_acc_confident": (hit & confident).sum() / confident.sum().clamp_min(1),
     }
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(K, K) counts of (ground truth, prediction) over pixels whose target is not 255."""
-    valid = target != IGNORE
-    index = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
-    """IoU of each class; NaN for a class that is neither in the ground truth nor predicted."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
-
-
-def mean_iou(confusion: torch.Tensor) -> float:
-    """Dataset-level mIoU in percent, over the classes that occur (in truth or prediction)."""
-    return float(iou_per_class(confusion).nanmean()) * 100
-
-
-def center_crop(image: torch.Tensor, label: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre crop to ``crop`` (padding with fill 0 / label 255 where the image is smaller)."""
-    h, w = image.shape[-2:]
-    ph, pw = max(crop - h, 0), max(crop - w, 0)
-    if ph or pw:
-        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-        image = F.pad(image, pad, value=0.0)
-        label = F.pad(label, pad, value=IGNORE)
-        h, w = image.shape[-2:]
-    top, left = (h - crop) // 2, (w - crop) // 2
-    return image[..., top : top + crop, left : left + crop], label[..., top : top + crop, left : left + crop]
-
-
-def _window_starts(size: int, window: int, stride: int) -> list[int]:
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] + window < size:
-        starts.append(size - window)
-    return starts
-
-
-def sliding_window(model: nn.Module, image: torch.Tensor, num_classes: int, window: int, stride: float) -> torch.Tensor:
-    """Average of softmax scores over windows of side ``window`` at ``stride × window`` steps."""
-    b, _, h, w = image.shape
-    step = max(1, int(window * stride))
-    scores = image.new_zeros(b, num_classes, h, w)
-    counts = image.new_zeros(1, 1, h, w)
-    for top in _window_starts(h, window, step):
-        for left in _window_starts(w, window, step):
-            tile = image[..., top : top + window, left : left + window]
-            th, tw = tile.shape[-2:]
-            scores[..., top : top + th, left : left + tw] += model(tile).logits.softmax(dim=1)
-            counts[..., top : top + th, left : left + tw] += 1
-    return scores / counts

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The sources whose code decides each stage's output (globs relative to the project root). The
 # config module is among them: ``Config.terms()`` decides which losses a stage trains with.
-_TRAINING = ("model/*.py", "data_prep/*.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/stages.py")
+_TRAINING = ("model/*.py", "data_prep/*.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/inference.py",
+             "pipeline/metrics.py", "pipeline/stages.py")  # fmt: skip
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "warmup": _TRAINING,
     "train": _TRAINING,

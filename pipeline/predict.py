@@ -165,7 +165,8 @@ class Predictor:
 
     def __init__(self, state: dict, device: str = "auto", amp: bool = False, mode: str | None = None):
         from pipeline.config import Config
-        from pipeline.engine import Engine, build_model, load_weights
+        from pipeline.engine import build_model, load_weights
+        from pipeline.inference import Inference
 
         config = Config.model_validate(state["config"])
         if amp:
@@ -183,9 +184,8 @@ class Predictor:
             load_weights(model, state["engine"]["model"])
         except RuntimeError as exc:
             raise UsageError(f"{exc}; the checkpoint comes from a model this s4mim cannot build") from None
-        self.engine = Engine(
-            model, config, len(self.classes), torch.device(device), variant="supervised", total_steps=1
-        )
+        self.inference = Inference(model, len(self.classes), torch.device(device), amp=config.optim.amp,
+                                   channels_last=config.optim.channels_last)  # fmt: skip
         self.crop, self.stride = config.eval_crop, config.eval.stride
 
     def __call__(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -193,7 +193,7 @@ class Predictor:
         from data_prep.augment import normalize
 
         batch = torch.stack([normalize(image) for image in images])
-        scores = self.engine.predict(batch, self.mode, self.crop, self.stride)  # (B, K, H, W)
+        scores = self.inference.scores(batch, self.mode, self.crop, self.stride)  # (B, K, H, W)
         probs = scores if self.mode == "sliding_window" else scores.softmax(dim=1)  # sliding: already averaged
         confidence, label = probs.max(dim=1)
         return [(label[i].to(torch.uint8).cpu(), confidence[i].float().cpu()) for i in range(len(images))]

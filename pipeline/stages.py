@@ -40,16 +40,9 @@ from data_prep.splits import Split, read_split
 from model.masking import apply_patch_mask, patch_mask
 from pipeline.config import Config
 from pipeline.console import counted
-from pipeline.engine import (
-    Engine,
-    build_model,
-    iou_per_class,
-    is_distributed,
-    load_weights,
-    mean_iou,
-    rng_state,
-    set_rng_state,
-)
+from pipeline.engine import Engine, build_model, is_distributed, load_weights, rng_state, set_rng_state
+from pipeline.inference import Inference
+from pipeline.metrics import iou_per_class, mean_iou
 
 TRAINING_STAGES = ("warmup", "train")
 
@@ -231,7 +224,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         is_best = False
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
             val = counted(data.val, len(data.val), partial(ctx.progress, f"[{stage}] val batches"))
-            confusion = engine.evaluate(val, config.eval.mode, config.eval_crop, config.eval.stride)
+            confusion = engine.inference.confusion(val, config.eval.mode, config.eval_crop, config.eval.stride)
             metrics["val/miou"] = mean_iou(confusion)
             is_best = metrics["val/miou"] > best_miou
             best_miou = max(best_miou, metrics["val/miou"])
@@ -312,12 +305,13 @@ def evaluate(
     has_head = any(k.startswith("reconstruction_head.") for k in weights)
     model = build_model(config, manifest.num_classes, reconstruction=has_head)
     load_weights(model, weights)
-    engine = Engine(model, config, manifest.num_classes, device, variant="supervised", total_steps=1)
+    inference = Inference(model, manifest.num_classes, device, amp=config.optim.amp,
+                          channels_last=config.optim.channels_last)  # fmt: skip
     val_set = EvalDataset(_rows(manifest, split.val), manifest.label_lut)
     loader = loader_over(val_set, config, rank, world)
     if progress is not None:
         loader = counted(loader, len(loader), progress)
-    confusion = engine.evaluate(loader, config.eval.mode, config.eval_crop, config.eval.stride)
+    confusion = inference.confusion(loader, config.eval.mode, config.eval_crop, config.eval.stride)
     ious = iou_per_class(confusion)
     per_class = {name: float(v) * 100 for name, v in zip(manifest.classes, ious)}
     table = io.StringIO()
@@ -325,12 +319,14 @@ def evaluate(
     writer.writerow(["class", "iou", "pixels"])
     for (name, value), pixels in zip(per_class.items(), confusion.sum(1).tolist()):
         writer.writerow([name, f"{value:.2f}", pixels])
-    grid = picture_grid(engine, val_set, config, has_head, manifest.classes) if rank == 0 else b""
+    grid = picture_grid(inference, val_set, config, has_head, manifest.classes) if rank == 0 else b""
     return Evaluation(mean_iou(confusion), per_class, table.getvalue(), grid, confusion.cpu())
 
 
 @torch.no_grad()
-def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head: bool, classes: list[str]) -> bytes:
+def picture_grid(
+    inference: Inference, val_set: EvalDataset, config: Config, has_head: bool, classes: list[str]
+) -> bytes:
     """PNG rows of image | ground truth | prediction | reconstruction of a patch-masked copy, titled, with a
     legend of the class colours (``pipeline.pictures``)."""
     from pipeline.pictures import figure_png, grid_figure
@@ -340,12 +336,12 @@ def picture_grid(engine: Engine, val_set: EvalDataset, config: Config, has_head:
     for index in range(min(config.eval.grid_images, len(val_set))):
         sample = val_set[index]
         image = sample["image"][None]
-        pred = engine.predict(image, config.eval.mode, config.eval_crop, config.eval.stride).argmax(1)[0]
+        pred = inference.scores(image, config.eval.mode, config.eval_crop, config.eval.stride).argmax(1)[0]
         recon = None
         if has_head:
             h, w = image.shape[-2:]
             masked = patch_mask(1, h, w, config.mim.patch, config.mim.ratio, generator=gen)
-            out = engine.model(apply_patch_mask(image, masked).to(engine.device), need_reconstruction=True)
+            out = inference.model(apply_patch_mask(image, masked).to(inference.device), need_reconstruction=True)
             recon = denormalize(out.reconstruction[0].float().cpu())
         rows.append({"image": denormalize(image[0]), "label": sample["label"], "pred": pred.cpu(), "recon": recon})
     if not rows:

@@ -1,22 +1,11 @@
-"""The engine: a step per variant, resume that reproduces an uninterrupted run, and the metrics."""
+"""The engine: a step per variant, and resume that reproduces an uninterrupted run."""
 
 import io
 
 import pytest
 import torch
 
-from pipeline.engine import (
-    Engine,
-    build_model,
-    center_crop,
-    confusion_matrix,
-    iou_per_class,
-    mean_iou,
-    poly_lr,
-    rng_state,
-    set_rng_state,
-    sliding_window,
-)
+from pipeline.engine import Engine, build_model, poly_lr, rng_state, set_rng_state
 
 SPEC_TRAIN_METRICS = {"loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "loss_smim", "mask_ratio", "lr"}
 
@@ -118,64 +107,6 @@ def test_poly_lr_and_head_multiplier(tiny_config):
     # UniMatch's schedule: the lr of step k decays by the k - 1 steps before it, so steps 0 and 1 share the base.
     total = engine.total_steps
     assert used == pytest.approx([0.02, 0.02, poly_lr(0.02, 1, total, 0.9)])
-
-
-def test_confusion_matrix_matches_brute_force():
-    gen = torch.Generator().manual_seed(0)
-    pred = torch.randint(0, 5, (3, 7, 9), generator=gen)
-    target = torch.randint(0, 5, (3, 7, 9), generator=gen)
-    target[0, :2] = 255
-    expected = torch.zeros(5, 5, dtype=torch.long)
-    for p, t in zip(pred.flatten().tolist(), target.flatten().tolist()):
-        if t != 255:
-            expected[t, p] += 1
-    got = confusion_matrix(pred, target, 5)
-    assert torch.equal(got, expected)
-    ious = iou_per_class(got)
-    for c in range(5):
-        tp = expected[c, c].item()
-        union = expected[c].sum().item() + expected[:, c].sum().item() - tp
-        assert ious[c].item() == pytest.approx(tp / union)
-    assert mean_iou(got) == pytest.approx(float(ious.mean()) * 100)
-
-
-def test_miou_is_dataset_level_and_skips_absent_classes():
-    # Class 2 never occurs and is never predicted: it does not drag the mean down.
-    confusion = torch.tensor([[3, 1, 0], [0, 4, 0], [0, 0, 0]])
-    assert mean_iou(confusion) == pytest.approx((3 / 4 + 4 / 5) / 2 * 100)
-
-
-class _PixelModel(torch.nn.Module):
-    """Per-pixel classifier (1x1 conv): its output does not depend on the window."""
-
-    def __init__(self, classes):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, classes, 1)
-
-    def forward(self, x):
-        from model.deeplab import SegOutput
-
-        return SegOutput(logits=self.conv(x))
-
-
-@pytest.mark.parametrize("classes", [3, 30])
-def test_sliding_window_covers_the_image_for_any_class_count(classes):
-    torch.manual_seed(0)
-    model = _PixelModel(classes)
-    image = torch.randn(2, 3, 37, 53)
-    scores = sliding_window(model, image, classes, window=16, stride=2 / 3)
-    assert scores.shape == (2, classes, 37, 53)
-    assert torch.allclose(scores.sum(1), torch.ones(2, 37, 53), atol=1e-5)  # averaged softmax everywhere
-    assert torch.equal(scores.argmax(1), model(image).logits.argmax(1))
-    whole = sliding_window(model, image, classes, window=64, stride=2 / 3)  # window larger than image
-    assert torch.allclose(whole, model(image).logits.softmax(1), atol=1e-6)
-
-
-def test_center_crop_pads_small_images():
-    image, label = torch.ones(1, 3, 10, 30), torch.zeros(1, 10, 30, dtype=torch.long)
-    img, lab = center_crop(image, label, 20)
-    assert img.shape == (1, 3, 20, 20) and lab.shape == (1, 20, 20)
-    assert (lab == 255).sum() == 20 * 10 and img[0, 0, 0, 0] == 0
 
 
 def _params(engine):

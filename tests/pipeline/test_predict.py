@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_prep.decode import read_mask
 from data_prep.palette import voc_palette
-from pipeline.engine import confusion_matrix, mean_iou
+from pipeline.metrics import confusion_matrix, mean_iou
 from tests.conftest import TINY_OVERRIDES
 from tests.pipeline.cli_helpers import one_line_error, run_s4mim
 
