@@ -7,6 +7,7 @@ as JSON where it parses (``0.5``, ``true``, ``[6,12,18]``, ``null``) and as a st
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -363,12 +364,23 @@ class Config(Section):
         if stage == "evaluate":
             parts["eval"] = self.eval.model_dump()
         if self.model.init == "standin":  # the weights it names change when the stand-in is rebuilt
-            from pipeline.standin import file_digest, resolve
+            from pipeline.standin import resolve
 
-            parts["standin"] = file_digest(resolve(self.model.backbone, self.model.width))
+            parts["standin"] = _weights_digest(resolve(self.model.backbone, self.model.width))
         blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
         config = hashlib.sha256(blob.encode()).hexdigest()[:12]
         return {"config": config, "inputs": inputs, "code": code_fingerprint(stage)}
+
+
+def _weights_digest(path: Path) -> str:
+    """The hash of a weights file's bytes, read once per (path, size, modification time)."""
+    info = Path(path).stat()
+    return _bytes_digest(str(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.cache
+def _bytes_digest(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def _section_keys(model: type[BaseModel]) -> list[str]:

@@ -17,7 +17,6 @@ their hash is the current one.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -128,13 +127,6 @@ def resolved_init(model) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """The hash of a weights file's bytes, read once per (path, size, modification time)."""
-    info = Path(path).stat()
-    return _digest(str(path), info.st_size, info.st_mtime_ns)
-
-
-@functools.cache
-def _digest(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
