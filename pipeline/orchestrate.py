@@ -318,12 +318,12 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
             detail=f"{prepared.labeled} labeled, {prepared.unlabeled} unlabeled, {prepared.val} val",
         )
     )
+    if "train" in forced or finished_stage(runs, config, "train", prepared.inputs_hash)[1] is None:
+        check_unlabeled(config, prepared)  # before any lock: a refused run writes nothing under runs/stages
     with ExitStack() as held:  # every stage to run is locked before anything is tracked: a refused run leaves no trace
         claims = [
             held.enter_context(claimed(runs, config, stage, prepared, force=stage in forced)) for stage in STAGES[1:]
         ]
-        if next(c for c in claims if c.stage == "train").result is None:
-            check_unlabeled(config, prepared)
         with tracked(backend, config, prepared) as run:
             checkpoint: str | None = None
             for claim in claims:
