@@ -21,7 +21,7 @@ import typer
 
 from pipeline.console import set_verbose
 from pipeline.errors import UsageError, find_user_error
-from pipeline.paths import rank
+from pipeline.paths import rank, world_size
 from pipeline.paths import ray_address as resolve_address
 
 app = typer.Typer(
@@ -191,7 +191,7 @@ LocalOpt = Annotated[
 
 
 def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
 
 
 def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool):

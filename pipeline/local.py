@@ -21,6 +21,7 @@ import torch.distributed as dist
 from data_prep.atomic import atomic_path
 from pipeline.console import format_metrics, progress, say
 from pipeline.paths import rank as process_rank
+from pipeline.paths import world_size
 
 EPOCH_KEYS = ("train/loss", "train/loss_x", "train/loss_s", "train/loss_cmim", "train/loss_fa", "train/loss_smim",
               "train/mask_ratio", "train/img_per_s", "val/miou")  # fmt: skip
@@ -28,7 +29,7 @@ EPOCH_KEYS = ("train/loss", "train/loss_x", "train/loss_s", "train/loss_cmim", "
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the torchrun process group when there is one; returns rank, world size and device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank = process_rank()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -31,7 +31,7 @@ from pipeline.config import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.local import read_result
-from pipeline.paths import rank, slug
+from pipeline.paths import rank, slug, world_size
 from pipeline.prepare import Prepared, check_unlabeled, peek_prepared, prepare_stage
 
 STAGES = ("prepare", "warmup", "train", "evaluate")
@@ -124,7 +124,7 @@ def stage_lock(folder: Path, stage: str) -> Iterator[None]:
                 held.enter_context(_flock(lock_path(folder), f"the {stage} stage", folder))
             except UsageError as exc:
                 refusal = str(exc)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world_size() > 1:
             import torch.distributed as dist
 
             from pipeline.local import init_distributed
@@ -206,7 +206,7 @@ def prepare_inputs(config: Config, runs: Path, *, force: bool = False) -> Prepar
     """The prepare stage, for every command that runs stages. Under torchrun rank 0 prepares first and
     the other ranks, after a barrier, find the data, manifest and split it wrote: were they all to
     generate a missing dataset at once, all but one would fail to move theirs into place."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         import torch.distributed as dist
 
         from pipeline.local import init_distributed

@@ -28,6 +28,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """How many processes torchrun started (1 outside it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def slug(name: str) -> str:
     """A preset name as a path component: ``voc-1/8`` -> ``voc-1_8``."""
     return name.replace("/", "_").replace(os.sep, "_").replace(" ", "_")
