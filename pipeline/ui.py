@@ -95,7 +95,10 @@ def _signals_as_interrupt() -> Iterator[None]:
     def stop(signum, frame):
         raise _Stop(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    wanted = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup the server outlives the terminal
+        wanted.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in wanted}
     try:
         yield
     finally:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
+from tests.pipeline.cli_helpers import S4MIM, run_s4mim
 from tests.pipeline.ray_helpers import (
     env_for,
     kill,
@@ -174,3 +178,48 @@ def test_cluster_that_cannot_fit_the_workers_fails_before_training(cluster, tiny
     assert done.returncode == 2
     assert "can never fit 5 worker(s)" in done.stderr and "scaling.workers" in done.stderr
     assert not (runs / "ray").exists() or not any((runs / "ray").iterdir())
+
+
+def test_verbose_shows_rays_own_output_beside_the_projects_lines(cluster, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["warmup", "shapes-1/8", "--verbose", *tiny_args(tiny_shapes)]
+    done = run_s4mim(*args, env=env_for(runs, cluster.address))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[warmup] epoch 1/1  loss" in done.stdout  # the project's lines, as without --verbose
+    assert "(TrainController pid=" in done.stderr  # Ray's own output, which otherwise only stage.log gets
+    (log,) = (runs / "stages" / "shapes-1_8").glob("warmup-*/stage.log")
+    assert "(TrainController pid=" in log.read_text()  # and still kept in the stage folder
+
+
+def test_a_stage_whose_workers_keep_dying_fails_with_the_tail_of_its_log(cluster, tiny_shapes, tmp_path):
+    """The train workers are killed each time they have saved a new checkpoint, more often than
+    ``FailureConfig`` replaces them: the stage fails, and what Ray said last (the cause is there, not in
+    the driver's traceback) is printed from the stage folder's ``stage.log``."""
+    runs = tmp_path / "runs"
+    args = ["warmup", "shapes-1/8", *tiny_args(tiny_shapes, "warmup.epochs=50")]
+    env = {**os.environ, **env_for(runs, cluster.address)}
+    kills, seen = 0, 0
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([str(S4MIM), *args], stdout=out, stderr=err, text=True, env=env)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            saved = len(list((runs / "ray").glob("*/epoch_*")))
+            if saved > seen:  # a worker group that has started training: kill it (a start-up failure would be retried)
+                seen = saved
+                for pid in train_worker_pids(cluster):
+                    kill(pid)
+                kills += 1
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            raise AssertionError(f"the stage still ran after its workers were killed {kills} times")
+    stderr = (tmp_path / "err").read_text()
+    assert proc.returncode not in (0, 2), stderr[-3000:]  # not a success, and not a user error
+    assert kills >= 3, kills  # the first group and the two replacements FailureConfig allows
+    (log,) = (runs / "stages" / "shapes-1_8").glob("warmup-*/stage.log")
+    heading = f"the warmup stage failed; the last lines of {log}:"
+    assert heading in stderr, stderr[-3000:]
+    after = stderr.split(heading, 1)[1].splitlines()[1:]
+    shown = [line[2:] for line in itertools.takewhile(lambda line: line.startswith("  "), after)]
+    lines = log.read_text().splitlines()
+    assert shown and shown == lines[-len(shown) :]  # the log's own last lines
