@@ -6,12 +6,8 @@ import json
 import re
 import warnings
 
-import pytest
-
 from pipeline import console
 from pipeline.worker_logs import WorkerOutput, stage_log, tail
-from tests.pipeline.cli_helpers import run_s4mim
-from tests.pipeline.ray_helpers import tiny_args
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -70,27 +66,3 @@ def test_library_loggers_and_warnings_go_to_the_stage_log(tmp_path, capsys):
     text = log.read_text()
     assert "Saving pytorch model by Pickle" in text and "something Ray says" in text
     assert tail(log, 1) == [text.splitlines()[-1]]
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_a_pipeline_on_real_ray_prints_only_its_own_lines_and_logs_the_rest(tiny_shapes, tmp_path, monkeypatch):
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "S4MIM_STORAGE", "RAY_COLOR_PREFIX"):
-        monkeypatch.delenv(name, raising=False)
-    runs = tmp_path / "runs"
-    env = {"S4MIM_RUNS": str(runs), "S4MIM_DATA": str(tmp_path / "data"), "RAY_AUTH_MODE": "disabled"}
-    done = run_s4mim("pipeline", "run", "shapes-1/8", *tiny_args(tiny_shapes), env=env)  # a private local Ray
-    assert done.returncode == 0, done.stderr[-3000:]
-    shown = done.stdout + done.stderr
-    assert "core_worker.cc" not in shown and "(RayTrainWorker pid=" not in shown and "TrainController" not in shown
-    assert not ANSI.search(shown), shown  # the output is a pipe, not a terminal
-    assert "Pickle" not in shown and "registered model" not in shown
-    assert "[warmup] epoch 1/1  loss" in done.stdout and "[train] epoch 1/1  loss" in done.stdout  # from the workers
-
-    stages = runs / "stages" / "shapes-1_8"
-    logs = {folder.name.split("-")[0]: (folder / "stage.log").read_text() for folder in stages.glob("*-*")
-            if (folder / "stage.log").is_file()}  # fmt: skip
-    assert set(logs) == {"warmup", "train", "evaluate"}
-    for stage, text in logs.items():
-        assert "(TrainController pid=" in text, stage  # Ray's own output, with its plain prefix
-        assert not ANSI.search(text), stage
-    assert "Pickle" in logs["train"]  # MLflow's warning when the model is logged

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,6 +24,7 @@ from tests.pipeline.ray_helpers import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+ANSI = re.compile(r"\x1b\[")
 SPEC_TAGS = {"dataset", "split", "labeled_count", "variant", "stage", "git_sha", "config_hash", "world_size"}
 
 
@@ -35,15 +36,7 @@ def cluster():
 
 
 def s4mim(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=timeout,
-    )
+    return run_s4mim(*args, env=env, timeout=timeout)
 
 
 def _tracking(runs):
@@ -61,6 +54,7 @@ def test_pipeline_runs_as_ray_jobs_and_is_tracked_then_cached(cluster, tiny_shap
     assert "MLflow parent run: " in first.stdout and "make ui" in first.stdout
     for stage in ("warmup", "train", "evaluate"):
         assert f"\n{stage:<10} ran" in first.stdout
+    _check_console(first, runs)
 
     records = mlflow_runs(runs / "mlflow.db")
     parents = [r for r in records if "mlflow.parentRunId" not in r["tags"]]
@@ -115,6 +109,24 @@ def test_pipeline_runs_as_ray_jobs_and_is_tracked_then_cached(cluster, tiny_shap
         assert f"\n{stage:<10} cached" in second.stdout
     assert "running ->" not in second.stdout
     assert len(mlflow_runs(runs / "mlflow.db")) == len(records)  # nothing new was trained or logged
+
+
+def _check_console(done: subprocess.CompletedProcess, runs) -> None:
+    """The console shows the project's own lines only, without colours into a pipe; Ray's and MLflow's
+    own output lands in each stage folder's ``stage.log``."""
+    shown = done.stdout + done.stderr
+    assert "core_worker.cc" not in shown and "(RayTrainWorker pid=" not in shown and "TrainController" not in shown
+    assert not ANSI.search(shown), shown
+    assert "Pickle" not in shown and "registered model" not in shown
+    assert "[warmup] epoch 1/1  loss" in done.stdout and "[train] epoch 1/1  loss" in done.stdout  # from the workers
+    stages = runs / "stages" / "shapes-1_8"
+    logs = {folder.name.split("-")[0]: (folder / "stage.log").read_text() for folder in stages.glob("*-*")
+            if (folder / "stage.log").is_file()}  # fmt: skip
+    assert set(logs) == {"warmup", "train", "evaluate"}
+    for stage, text in logs.items():
+        assert "(TrainController pid=" in text, stage  # Ray's own output, with its plain prefix
+        assert not ANSI.search(text), stage
+    assert "Pickle" in logs["train"]  # MLflow's warning when the model is logged
 
 
 def _check_pyfunc_scores(runs, uri: str) -> None:
