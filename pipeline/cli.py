@@ -54,7 +54,7 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 def _config(preset: str, overrides: list[str] | None, data_root: Path | None = None):
-    from pipeline.presets import load_preset
+    from pipeline.config.presets import load_preset
 
     extra = list(overrides or [])
     if data_root is not None:
@@ -77,7 +77,7 @@ def presets(
     set_: SetOpt = None,
 ) -> None:
     """List every preset (or show one in full, with any --set overrides applied)."""
-    from pipeline.presets import BUILTIN, load_preset, preset_names
+    from pipeline.config.presets import BUILTIN, load_preset, preset_names
 
     if set_ and not show:
         raise UsageError("--set applies to one preset: s4mim presets --show PRESET --set section.key=value")
@@ -109,7 +109,7 @@ def data_synth(
     """Generate the embedded ``shapes`` dataset in VOC layout."""
     from data_prep import shapes
     from pipeline.console import progress
-    from pipeline.prepare import shapes_dir
+    from pipeline.training.prepare import shapes_dir
 
     root = (root or shapes_dir(seed)).absolute()
     if shapes.is_complete(root, seed):
@@ -198,16 +198,16 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
     """The backend for this command, after checking everything it needs, before any training."""
     from model.backbones import check_init
     from pipeline.paths import require_writable
-    from pipeline.standin import resolved_init
+    from pipeline.training.standin import resolved_init
 
     check_init(config.model.backbone, resolved_init(config.model))
     require_writable(runs)
     if local or _under_torchrun():
-        from pipeline.local import LocalBackend
+        from pipeline.backends.local import LocalBackend
 
         return LocalBackend()
-    from pipeline.ray_jobs import RayBackend, check_reachable, check_storage, storage_path
-    from pipeline.tracking import check_tracking_uri, tracking_uri
+    from pipeline.backends.ray_train import RayBackend, check_reachable, check_storage, storage_path
+    from pipeline.tracking.runs import check_tracking_uri, tracking_uri
 
     uri = tracking_uri(config, tracking)
     check_tracking_uri(uri)
@@ -217,7 +217,7 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
 
 
 def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
-    from pipeline.orchestrate import finished_stage
+    from pipeline.orchestration.orchestrate import finished_stage
 
     folder, result = finished_stage(runs, config, stage, prepared.inputs_hash)
     if result is None:
@@ -230,14 +230,14 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
 
 def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, force=False,
                        checkpoint=None) -> dict:  # fmt: skip
-    from pipeline.orchestrate import claimed, prepare_inputs, run_claimed, stage_folder, tracked
+    from pipeline.orchestration.orchestrate import claimed, prepare_inputs, run_claimed, stage_folder, tracked
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
     backend = _backend(config, runs, ray_address, tracking, local)
     prepared = prepare_inputs(config, runs)
     if stage == "train":
-        from pipeline.prepare import check_unlabeled
+        from pipeline.training.prepare import check_unlabeled
 
         check_unlabeled(config, prepared)
         init = _finished(runs, config, "warmup", prepared, "s4mim train")
@@ -337,7 +337,7 @@ def pretrain(
 ) -> None:
     """The ImageNet stand-in for the preset's backbone (model.init=standin): pretrained on a synthetic corpus."""
     from pipeline.paths import require_writable
-    from pipeline.standin import pretrain as build
+    from pipeline.training.standin import pretrain as build
 
     config = _config(preset, set_)
     runs = _runs()
@@ -363,7 +363,7 @@ def pipeline_run(
 ) -> None:
     """prepare -> warmup -> train -> evaluate as Ray Train jobs, skipping stages whose outputs exist."""
     set_verbose(verbose)
-    from pipeline.orchestrate import plan, run_pipeline, summary_table
+    from pipeline.orchestration.orchestrate import plan, run_pipeline, summary_table
 
     config = _config(preset, set_, data_root)
     runs = _runs()
@@ -389,7 +389,7 @@ def pipeline_run(
     typer.echo(f"summary for {config.preset} (variant {config.variant})")
     typer.echo(summary_table(result.statuses))
     if result.parent_run_id:
-        from pipeline.tracking import tracking_uri as resolve_uri
+        from pipeline.tracking.runs import tracking_uri as resolve_uri
 
         typer.echo(f"MLflow parent run: {result.parent_run_id}")
         typer.echo(f"open the UI with: make ui   (or: s4mim ui --tracking-uri {resolve_uri(config, tracking_uri)})")
@@ -424,7 +424,7 @@ def predict(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Apply a trained model to images: palette masks, overlays, confidence maps and predictions.csv."""
-    from pipeline.predict import Options, run_predict
+    from pipeline.commands.predict import Options, run_predict
 
     if batch_size < 1 or workers < 1:
         raise UsageError("--batch-size and --workers must be at least 1")
@@ -490,9 +490,9 @@ def runs_compare(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """A table of runs grouped by split: mIoU, variant and the parameters that differ."""
-    from pipeline.compare import fetch_runs, parse_tag_filters, render
-    from pipeline.tracking import check_tracking_uri
-    from pipeline.tracking import tracking_uri as resolve
+    from pipeline.tracking.compare import fetch_runs, parse_tag_filters, render
+    from pipeline.tracking.runs import check_tracking_uri
+    from pipeline.tracking.runs import tracking_uri as resolve
 
     if format not in ("table", "csv", "json"):
         raise UsageError(f"--format {format!r}: choose table, csv or json")
@@ -518,9 +518,9 @@ def runs_plot(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """PNG of mIoU against labeled fraction (a line per variant), or against a sweep's knobs."""
-    from pipeline.compare import fetch_runs, parse_tag_filters, plot_splits, plot_sweep
-    from pipeline.tracking import check_tracking_uri
-    from pipeline.tracking import tracking_uri as resolve
+    from pipeline.tracking.compare import fetch_runs, parse_tag_filters, plot_splits, plot_sweep
+    from pipeline.tracking.runs import check_tracking_uri
+    from pipeline.tracking.runs import tracking_uri as resolve
 
     filters = parse_tag_filters(tag or [])
     if "stage" in filters:
@@ -556,7 +556,7 @@ def bench(
     ] = False,
 ) -> None:
     """Median step time of supervised, UniMatch and S4MIM steps (and each S4MIM term alone); JSON last line."""
-    from pipeline.bench import print_report, run_bench
+    from pipeline.commands.bench import print_report, run_bench
 
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r}: choose cpu or cuda")
@@ -611,9 +611,7 @@ def quality(
     local: LocalOpt = False,
 ) -> None:
     """The S4MIM ablation on shapes (7 variants x seeds, one fixed budget); writes docs/results*.md."""
-    from pipeline.config import parse_override
-    from pipeline.quality import BASELINES, CONTROLLED, preset_for, run_quality, write_results
-    from pipeline.tracking import git_sha
+    from pipeline.commands.quality import check_overrides, preset_for, run_command
 
     seeds = seeds or [0, 1, 2]
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
@@ -622,37 +620,14 @@ def quality(
         raise UsageError("--synth-seed must be 0 or more")
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    for text in set_ or []:
-        key = ".".join(parse_override(text)[0])
-        if key in CONTROLLED:
-            raise UsageError(
-                f"--set {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"
-            )
+    check_overrides(set_ or [])
     runs = _runs()
     base = _config(preset_for(split, regime), [*(set_ or []), f"data.synth_seed={synth_seed}"], data_root)
-    epochs = epochs or base.train.epochs
-    steps = steps or base.train.steps_per_epoch or 90
     backend = _backend(base, runs, ray_address, tracking_uri, local)
-    target = ["--local"] if local else []
-    if jobs > 1 and not local:  # the side-by-side runs join this command's Ray and log where it logs
-        import ray
-
-        from pipeline.quality import EXPERIMENT
-        from pipeline.ray_jobs import connect
-        from pipeline.tracking import Tracker
-        from pipeline.tracking import tracking_uri as resolve_uri
-
-        typer.echo(connect(ray_address))
-        uri = resolve_uri(base, tracking_uri)
-        Tracker(uri).experiment(EXPERIMENT)  # the store and experiment exist before the runs race to make them
-        joined = resolve_address(ray_address)
-        address = joined if joined not in (None, "local") else ray.get_runtime_context().gcs_address
-        target = ["--ray-address", address, "--tracking-uri", uri]
-    sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
-    variants = BASELINES if baselines else None
-    cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target,
-                                      variants=variants)  # fmt: skip
-    path = write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
+    cells, path = run_command(
+        base, seeds, epochs, steps, runs, backend, jobs=jobs, local=local, ray_address=ray_address,
+        tracking_uri=tracking_uri, baselines=baselines, docs=docs,
+    )  # fmt: skip
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")
     typer.echo(f"wrote {path} and its charts")
@@ -661,7 +636,7 @@ def quality(
 @app.command()
 def doctor(ray_address: RayAddressOpt = None, tracking_uri: TrackingOpt = None) -> None:
     """What this machine and cluster offer: torch and CUDA, Ray, storage, MLflow, datasets."""
-    from pipeline.doctor import run_doctor
+    from pipeline.commands.doctor import run_doctor
 
     raise typer.Exit(run_doctor(ray_address, tracking_uri))
 
@@ -673,7 +648,7 @@ def ui(
     experiment: ExperimentOpt = "s4mim",
 ) -> None:
     """Serve the MLflow UI for the project's store on 127.0.0.1, and print the URL of its runs table."""
-    from pipeline.ui import serve
+    from pipeline.tracking.ui import serve
 
     raise typer.Exit(serve(tracking_uri, port, experiment))
 

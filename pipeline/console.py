@@ -4,7 +4,7 @@
 - ``progress(label)``: a rich progress bar when stdout is a terminal, a plain line every few seconds
   when it is a file or a pipe (a CI log, ``make run > out``).
 - ``event``: how a Ray worker hands a line or a progress update to the driver. Worker output reaches
-  the driver through Ray's log forwarding; ``pipeline.worker_logs`` sends what carries ``EVENT_MARK``
+  the driver through Ray's log forwarding; ``pipeline.backends.worker_logs`` sends what carries ``EVENT_MARK``
   to the console and everything else to the stage's log file.
 - ``chatter_into(path)``: the Python loggers of Ray, MLflow and their libraries write into ``path``
   (the stage folder's ``stage.log``) instead of the console, for the block; ``--verbose`` shows them too.

@@ -18,18 +18,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The sources whose code decides each stage's output (globs relative to the project root). The
 # config module is among them: ``Config.terms()`` decides which losses a stage trains with.
-_TRAINING = ("model/*.py", "data_prep/*.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/inference.py",
-             "pipeline/metrics.py", "pipeline/stages.py")  # fmt: skip
+_TRAINING = (
+    "model/*.py",
+    "data_prep/*.py",
+    "pipeline/config/schema.py",
+    "pipeline/training/engine.py",
+    "pipeline/training/inference.py",
+    "pipeline/training/metrics.py",
+    "pipeline/training/stages.py",
+)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "warmup": _TRAINING,
     "train": _TRAINING,
-    "evaluate": (*_TRAINING, "pipeline/pictures.py"),
+    "evaluate": (*_TRAINING, "pipeline/training/pictures.py"),
     "pretrain": (
         "model/backbones.py",
         "data_prep/corpus.py",
         "data_prep/shapes.py",
         "data_prep/augment.py",
-        "pipeline/standin.py",
+        "pipeline/training/standin.py",
     ),
 }
 
@@ -63,3 +70,14 @@ def code_fingerprint(stage: str, root: Path = ROOT) -> str:
     files = {path for pattern in STAGE_CODE[stage] for path in root.glob(pattern)}
     digests = sorted(source_digest(path) for path in files)
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:12]
+
+
+def file_digest(path: Path) -> str:
+    """The hash of a file's bytes (a weights file), read once per (path, size, modification time)."""
+    info = Path(path).stat()
+    return _bytes_digest(str(path), info.st_size, info.st_mtime_ns)
+
+
+@cache
+def _bytes_digest(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

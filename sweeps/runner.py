@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.atomic import write_text
-from pipeline.config import Config, apply_overrides
+from pipeline.config.schema import Config, apply_overrides
 from pipeline.console import say
 from pipeline.errors import UsageError
+from pipeline.orchestration.hashing import stage_hash
 from sweeps.spec import SweepSpec
 
 TRIAL_DRIVER_CPU = 0.01  # a Tune trial only waits on its TorchTrainer
@@ -89,7 +90,7 @@ def _trial(params: dict, *, base: dict, prepared, teacher: str, storage: str, tr
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.ray_jobs import run_job
+    from pipeline.backends.ray_train import run_job
 
     config = apply_overrides(Config.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
@@ -107,7 +108,7 @@ def _trial(params: dict, *, base: dict, prepared, teacher: str, storage: str, tr
         callbacks=[TuneReportCallback()],
     )
     if run_id:
-        from pipeline.tracking import Tracker
+        from pipeline.tracking.runs import Tracker
 
         Tracker(tracking["uri"]).finish(run_id, "FAILED" if result.error else "FINISHED")
     if result.error:
@@ -115,7 +116,7 @@ def _trial(params: dict, *, base: dict, prepared, teacher: str, storage: str, tr
 
 
 def _trial_run(tracking: dict, config: Config, prepared, sweep: str, trial_id: str) -> str:
-    from pipeline.tracking import Tracker, flat_params, run_tags
+    from pipeline.tracking.runs import Tracker, flat_params, run_tags
 
     tracker = Tracker(tracking["uri"])
     key = f"trial-{sweep}-{trial_id}"
@@ -123,8 +124,8 @@ def _trial_run(tracking: dict, config: Config, prepared, sweep: str, trial_id: s
     if found:
         tracker.reopen(found)
         return found
-    stage_hash = config.stage_hash("train", prepared.inputs_hash)
-    tags = run_tags(config, "train", prepared.labeled, stage_hash, config.scaling.workers)
+    digest = stage_hash(config, "train", prepared.inputs_hash)
+    tags = run_tags(config, "train", prepared.labeled, digest, config.scaling.workers)
     tags |= {"sweep_id": sweep, "trial_id": trial_id}
     run_id = tracker.create(tracking["experiment_id"], key, f"{sweep} {trial_id}", tags, tracking["parent_id"])
     tracker.log_params(run_id, flat_params(config))
@@ -142,8 +143,8 @@ def run_sweep(spec: SweepSpec, runs: Path, backend, *, fresh: bool = False) -> S
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.orchestrate import claimed, prepare_inputs, run_claimed
-    from pipeline.ray_jobs import remove_storage_tree
+    from pipeline.backends.ray_train import remove_storage_tree
+    from pipeline.orchestration.orchestrate import claimed, prepare_inputs, run_claimed
 
     base = spec.check_keys()
     prepared = prepare_inputs(base, runs)
@@ -297,7 +298,7 @@ def _mark_outcomes(backend, spec: SweepSpec, rows: list[TrialRow], best: TrialRo
 
 
 def _write_preset(spec: SweepSpec, best: TrialRow, runs: Path) -> Path:
-    from pipeline.presets import user_presets_dir
+    from pipeline.config.presets import user_presets_dir
 
     path = user_presets_dir() / f"{spec.name}-best.json"
     preset = {

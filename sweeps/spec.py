@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import Config, apply_overrides, read_json_object
+from pipeline.config.schema import Config, apply_overrides, read_json_object
 from pipeline.errors import UsageError
+from pipeline.orchestration.hashing import stage_hash
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
@@ -117,7 +118,7 @@ class SweepSpec(BaseModel):
 
     def base_config(self) -> Config:
         """The preset with the spec's fixed overrides; every epoch evaluated, so ASHA can compare trials."""
-        from pipeline.presets import load_preset
+        from pipeline.config.presets import load_preset
 
         config = load_preset(self.preset)
         return apply_overrides(config, {**self.set, "train.eval_every": 1})
@@ -125,7 +126,7 @@ class SweepSpec(BaseModel):
     def check_keys(self) -> Config:
         """Every swept key exists, accepts its domain's values and leaves the warmup stage unchanged."""
         base = self.base_config()
-        warmup_hash = base.stage_hash("warmup")
+        warmup_hash = stage_hash(base, "warmup")
         problems = []
         for key, domain in self.space.items():
             for value in domain.examples():
@@ -134,7 +135,7 @@ class SweepSpec(BaseModel):
                 except UsageError as exc:
                     problems.append(f"space.{key}: {exc}")
                     break
-                if changed.stage_hash("warmup") != warmup_hash:
+                if stage_hash(changed, "warmup") != warmup_hash:
                     problems.append(
                         f"space.{key} changes the warmup stage, which all trials share; sweep train-stage keys "
                         "(unimatch, mim, fa, smim, variant, train)"

@@ -81,7 +81,7 @@ def runs(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tiny_config(tiny_shapes):
-    from pipeline.presets import load_preset
+    from pipeline.config.presets import load_preset
 
     def make(*extra: str):
         return load_preset("shapes-1/8", [*TINY_OVERRIDES, f'data.root="{tiny_shapes}"', *extra])

@@ -25,9 +25,9 @@ def _sealed_names(environ) -> list[str]:
 
 
 def test_a_test_and_its_child_processes_see_no_service_of_the_shell():
+    from pipeline.backends.ray_train import storage_path
     from pipeline.paths import runs_dir
-    from pipeline.ray_jobs import storage_path
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.runs import tracking_uri
 
     assert _sealed_names(os.environ) == []
     assert tracking_uri() == f"sqlite:///{runs_dir() / 'mlflow.db'}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.prepare import dataset_root
-from pipeline.presets import load_preset
+from pipeline.config.presets import load_preset
+from pipeline.training.prepare import dataset_root
 from tests.pipeline.cli_helpers import run_main
 
 

@@ -7,7 +7,7 @@ import re
 import warnings
 
 from pipeline import console
-from pipeline.worker_logs import WorkerOutput, stage_log, tail
+from pipeline.backends.worker_logs import WorkerOutput, stage_log, tail
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -21,7 +21,7 @@ def test_worker_output_goes_to_the_console_only_when_it_is_the_projects(tmp_path
     output = WorkerOutput()
     log = tmp_path / "stage.log"
     chatter = "[2026-01-01 10:00:00,000 E 1 2] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' ..."
-    project_warning = f"{console.PROJECT_ROOT}/pipeline/stages.py:12: UserWarning: the val set is empty"
+    project_warning = f"{console.PROJECT_ROOT}/pipeline/training/stages.py:12: UserWarning: the val set is empty"
     with output.into(log):
         output(_forwarded(console.EVENT_MARK + json.dumps({"kind": "line", "text": "[train] epoch 1/4  loss 1.0"})))
         output(_forwarded(f"\x1b[36m{chatter}\x1b[0m", actor="TrainController"))

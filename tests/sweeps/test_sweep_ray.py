@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline.config import parse_override
+from pipeline.config.schema import parse_override
 from tests.conftest import TINY_OVERRIDES
 from tests.pipeline.ray_helpers import env_for, mlflow_runs, start_cluster, wait_for
 
@@ -136,7 +136,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, ti
 
 @pytest.mark.parametrize("as_uri", [False, True])
 def test_remove_storage_tree_deletes_a_folder_given_as_a_path_or_a_uri(tmp_path, as_uri):
-    from pipeline.ray_jobs import remove_storage_tree
+    from pipeline.backends.ray_train import remove_storage_tree
 
     folder = tmp_path / "sweeps" / "old"
     (folder / "trial").mkdir(parents=True)

@@ -1,0 +1,1 @@
+"""The commands beside the pipeline: predict, bench, quality and doctor."""

@@ -1,0 +1,437 @@
+"""``s4mim quality`` / ``make quality``: the S4MIM ablation at 1/8 labels on ``shapes``.
+
+    make quality                         # 7 variants x 3 seeds; hours on a 2-core CPU; resumable
+    s4mim quality --seeds 0 --epochs 2   # a shorter look
+    s4mim quality --synth-seed 1         # on held-out data: shapes generated with seed 1
+    s4mim quality --regime testbed --baselines --split 1/16   # the testbed's baselines at 1/16 labels
+
+Generator seed 0 is the development data on which every setting is chosen; seeds 1 and 2 generate
+held-out datasets of the same design, for confirming those choices. Each writes its own table:
+``results.md`` for seed 0, ``results-synth<N>.md`` for the others.
+
+Every variant trains the same number of steps from the same warmup teacher of its seed (one fixed
+budget); only the loss terms differ. Each (variant, seed) is a normal pipeline run, so finished
+ones are cached and a rerun picks up where it stopped, and every run lands in one MLflow
+experiment. At the end docs/results.md gets a table of mean ± std val mIoU with per-seed values,
+the exact command, the git sha and the wall time, and docs/results.png a bar chart.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep.atomic import atomic_path, write_text
+from pipeline.console import say
+
+VARIANTS = {
+    # The bar: the supervised continuation of the same teacher for the same number of steps.
+    "supervised (step-matched)": {"variant": "supervised"},
+    # The published SupBaseline's protocol: as many passes over the labeled set as the others make over the
+    # unlabeled set, which is far fewer steps at few labels.
+    "supervised (epoch-matched)": {"variant": "supervised", "train.match": "epochs"},
+    "unimatch": {"variant": "unimatch"},
+    "unimatch + plain MIM": {"variant": "s4mim", "mim.mode": "plain", "fa.weight": 0, "smim.weight": 0},
+    "unimatch + CMIM": {"variant": "s4mim", "mim.mode": "classwise", "fa.weight": 0, "smim.weight": 0},
+    "unimatch + CMIM + FA": {"variant": "s4mim", "mim.mode": "classwise", "smim.weight": 0},
+    "s4mim (CMIM + FA + SMIM)": {"variant": "s4mim"},
+}
+BASELINES = ("supervised (step-matched)", "supervised (epoch-matched)", "unimatch")
+# The regimes quality runs: the presets (by labeled split) of each.
+REGIMES = {"short": "shapes", "testbed": "shapes48"}
+EXPERIMENT = "s4mim-quality"
+# Keys each (variant, seed) run sets itself; --set may not change them.
+CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "train.match", "tracking.experiment",
+              "mim.mode", "fa.weight", "smim.weight", "data.synth_seed"}  # fmt: skip
+
+
+def preset_for(split: str, regime: str = "short") -> str:
+    """The preset of a regime at a labeled split: shapes-1/8 (short), shapes48-1/8 (testbed)."""
+    from pipeline.config.presets import FRACTIONS, TESTBED_FRACTIONS
+    from pipeline.errors import UsageError
+
+    if regime not in REGIMES:
+        raise UsageError(f"--regime {regime}: choose one of {', '.join(REGIMES)}")
+    fractions = TESTBED_FRACTIONS if regime == "testbed" else FRACTIONS
+    if split not in fractions:
+        raise UsageError(f"--split {split}: the {regime} regime has {', '.join(fractions)}")
+    return f"{REGIMES[regime]}-{split}"
+
+
+@dataclass
+class Cell:
+    variant: str
+    miou: dict[int, float] = field(default_factory=dict)  # seed -> val mIoU of the best checkpoint (evaluate)
+    seconds: dict[int, float] = field(default_factory=dict)
+    final: dict[int, float] = field(default_factory=dict)  # seed -> val mIoU after the last epoch
+    iou: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> per-class IoU of the best checkpoint
+    curve: dict[int, list[dict]] = field(default_factory=dict)  # seed -> the train stage's val mIoU at each eval
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.miou.values())
+
+    @property
+    def std(self) -> float:
+        return _std(self.miou.values())
+
+    def class_mean(self, name: str) -> float:
+        return statistics.mean(per_class[name] for per_class in self.iou.values())
+
+
+def _std(values) -> float:
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def budget_overrides(epochs: int, steps: int) -> dict:
+    return {"train.epochs": epochs, "train.steps_per_epoch": steps, "tracking.experiment": EXPERIMENT}
+
+
+def cell_configs(base, seeds: list[int], epochs: int, steps: int, variants=None) -> list[tuple[str, int, object]]:
+    """(variant name, seed, config) of every run of the ablation (or of ``variants``), seed by seed."""
+    from pipeline.config.schema import apply_overrides
+
+    return [
+        (name, seed, apply_overrides(base, {**budget_overrides(epochs, steps), **VARIANTS[name], "seed": seed}))
+        for seed in seeds
+        for name in variants or VARIANTS
+    ]
+
+
+def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int, target: list[str]) -> None:
+    """Train the runs that are not cached yet ``jobs`` at a time, each an ``s4mim`` process with
+    cpu_count // jobs threads (on a 2-core CPU two one-thread runs side by side get through 1.16-1.27x
+    more steps than one two-thread run after another; docs/shapes.md). ``target`` names where they
+    run (``--local``, or the Ray cluster and the tracking URI). Each seed's warmup runs first, in a
+    process of its own, so that no two processes ever train the same stage; the processes' output
+    goes to runs/quality/logs.
+    """
+    import os
+
+    from data_prep.atomic import write_text
+    from pipeline.orchestration.orchestrate import plan
+    from pipeline.training.prepare import prepare_stage
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    for config in {c.data.model_dump_json(): c for _, _, c in cells}.values():
+        prepare_stage(config, runs)  # data, manifest and split once, here, before any process could race for them
+    folder = runs / "quality"
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    warmups, trains = {}, []
+    for name, seed, config in cells:
+        statuses = {s.name: s for s in plan(config, runs, [])}
+        if statuses["evaluate"].status == "cached":
+            continue
+        config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"cpus_per_worker": threads})})
+        words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # "unimatch + CMIM" -> unimatch-cmim
+        init = "" if config.model.init == "none" else f"-init-{re.sub(r'[^a-z0-9]+', '-', config.model.init.lower())}"
+        stem = f"{words}-seed{seed}-synth{config.data.synth_seed}-{re.sub(r'[^a-z0-9]+', '_', config.preset)}{init}"
+        path = folder / f"{stem}.json"
+        write_text(path, config.model_dump_json(indent=2) + "\n")
+        if statuses["warmup"].status != "cached":  # one process per warmup stage, however many runs share it
+            warmups.setdefault(
+                statuses["warmup"].folder,
+                (f"warmup of {config.preset}, seed {seed}", ["warmup", str(path)], logs / f"warmup-{stem}.log"),
+            )
+        trains.append((f"{name}, seed {seed}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
+    if not trains:
+        return
+    say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {logs}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for batch in (list(warmups.values()), trains):
+        _run_pool(batch, jobs, target, env)
+
+
+def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: list[str], env: dict) -> None:
+    """Run ``s4mim`` commands ``jobs`` at a time; stop starting new ones after a failure and raise it."""
+    import subprocess
+
+    from pipeline.errors import UsageError
+
+    pending, running, failed = list(commands), [], []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not failed:
+                label, args, log = pending.pop(0)
+                say(f"   started: {label}")
+                with open(log, "w") as out:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "pipeline", *args, *target],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                running.append((label, log, proc, time.perf_counter()))
+            if failed and not running:
+                break
+            time.sleep(2)
+            for item in list(running):
+                label, log, proc, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                if proc.returncode == 0:
+                    say(f"   finished: {label} ({(time.perf_counter() - t0) / 60:.1f} min)")
+                else:
+                    failed.append((label, log, proc.returncode))
+    except KeyboardInterrupt:
+        for _, _, proc, _ in running:  # they got the Ctrl-C too; give them time to stop cleanly
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    if failed:
+        label, log, code = failed[0]
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or [""]
+        raise UsageError(f"{label} failed (exit {code}): {tail[0].strip()} (whole log: {log})")
+
+
+def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, backend, *, jobs: int = 1,
+                target: list[str] | None = None, variants=None):  # fmt: skip
+    """Run (or find cached) every (variant, seed) pipeline of ``base`` under the fixed budget.
+
+    With ``jobs`` > 1 the runs train side by side first (``run_side_by_side``); the pass over the
+    pipelines then finds them cached. Returns the cells, the warmup teacher's val mIoU per seed, and
+    the wall time in seconds."""
+    from pipeline.orchestration.orchestrate import run_pipeline
+
+    started = time.perf_counter()
+    planned = cell_configs(base, seeds, epochs, steps, variants)
+    if jobs > 1:
+        run_side_by_side(planned, runs, jobs, target or [])
+    cells = {name: Cell(name) for name in variants or VARIANTS}
+    warmup: dict[int, float] = {}
+    for name, seed, config in planned:
+        say(f"== {name}, seed {seed}")
+        t0 = time.perf_counter()
+        result = run_pipeline(config, runs, backend)
+        evaluate, teacher, train = (
+            next(s for s in result.statuses if s.name == n) for n in ("evaluate", "warmup", "train")
+        )
+        if teacher.miou is not None:
+            warmup[seed] = teacher.miou
+        cells[name].miou[seed] = evaluate.miou
+        final = train.result.get("metrics", {}).get("val/miou")
+        if final is not None:
+            cells[name].final[seed] = final
+        per_class = evaluate.result.get("iou")
+        if per_class:
+            cells[name].iou[seed] = per_class
+        if train.result.get("curve"):
+            cells[name].curve[seed] = train.result["curve"]
+        cells[name].seconds[seed] = time.perf_counter() - t0
+        say(f"   val mIoU {evaluate.miou:.2f}")
+    return list(cells.values()), warmup, time.perf_counter() - started
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """``--set`` may not change what quality sets for each run."""
+    from pipeline.config.schema import parse_override
+    from pipeline.errors import UsageError
+
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key in CONTROLLED:
+            raise UsageError(
+                f"--set {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"
+            )
+
+
+def runs_target(base, jobs: int, local: bool, ray_address: str | None, tracking_uri: str | None) -> list[str]:
+    """The options of each side-by-side run: ``--local``, or with ``jobs > 1`` this command's Ray and
+    MLflow, so that the runs join the cluster it joined and log where it logs."""
+    if local:
+        return ["--local"]
+    if jobs == 1:
+        return []
+    import ray
+
+    from pipeline.backends.ray_train import connect
+    from pipeline.paths import ray_address as resolve_address
+    from pipeline.tracking.runs import Tracker
+    from pipeline.tracking.runs import tracking_uri as resolve_uri
+
+    say(connect(ray_address))
+    uri = resolve_uri(base, tracking_uri)
+    Tracker(uri).experiment(EXPERIMENT)  # the store and experiment exist before the runs race to make them
+    joined = resolve_address(ray_address)
+    address = joined if joined not in (None, "local") else ray.get_runtime_context().gcs_address
+    return ["--ray-address", address, "--tracking-uri", uri]
+
+
+def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, backend, *, jobs: int,
+                local: bool, ray_address: str | None, tracking_uri: str | None, baselines: bool,
+                docs: Path) -> tuple[list[Cell], Path]:  # fmt: skip
+    """``s4mim quality``: every cell trained at one budget (the preset's unless given), then the results
+    table and charts written into ``docs``. Returns the cells and the table's path."""
+    from pipeline.tracking.runs import git_sha
+
+    epochs = epochs or base.train.epochs
+    steps = steps or base.train.steps_per_epoch or 90
+    target = runs_target(base, jobs, local, ray_address, tracking_uri)
+    sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
+    variants = BASELINES if baselines else None
+    cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target,
+                                      variants=variants)  # fmt: skip
+    return cells, write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
+
+
+def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
+                     sha: str, warmup_miou: dict[int, float]) -> str:  # fmt: skip
+    data = f"`{base.data.dataset}`" + (
+        f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
+    )
+    lines = [
+        f"# Results: the S4MIM ablation on {data} at {base.data.split} labels",
+        "",
+        f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()}.",
+        "",
+        f"Every row trains the `{base.preset}` model for the same budget: {epochs} epochs of {steps} steps "
+        f"(batch {base.data.batch_size} labeled + {base.data.batch_size} unlabeled images a step) from the same "
+        "warmup teacher of its seed, with the preset's recipe; only the loss terms differ. `supervised "
+        "(step-matched)` spends the same steps on the labeled images alone; `supervised (epoch-matched)` makes as "
+        "many passes over the labeled images as the others make over the unlabeled ones, as the published "
+        "supervised baselines do (fewer steps). Seeds change model initialisation, sampling and augmentation; "
+        f"the labeled split ({base.data.split} of the train images, class-aware draw, split seed "
+        f"{base.data.split_seed}) and the data are fixed. Scores are val mIoU (evaluation mode "
+        f"`{base.eval.mode}`) of each run's best checkpoint.",
+        "",
+        "| variant | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---:|" + "---:|" * len(seeds),
+    ]
+    for cell in cells:
+        per_seed = " | ".join(f"{cell.miou[s]:.2f}" if s in cell.miou else "-" for s in seeds)
+        lines.append(f"| {cell.variant} | {cell.mean:.2f} ± {cell.std:.2f} | {per_seed} |")
+    if warmup_miou:
+        per_seed = " | ".join(f"{warmup_miou[s]:.2f}" if s in warmup_miou else "-" for s in seeds)
+        values = list(warmup_miou.values())
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(
+            f"| *(warmup teacher, the starting point)* | {statistics.mean(values):.2f} ± {spread:.2f} | {per_seed} |"
+        )
+    if any(cell.final for cell in cells):
+        header = "| variant | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
+        lines += ["", "The same runs after their last epoch (the table above scores each run's best epoch, which can "
+                  "favour an early peak):", "", header, "|---|---:|" + "---:|" * len(seeds)]  # fmt: skip
+        for cell in cells:
+            per_seed = " | ".join(f"{cell.final[s]:.2f}" if s in cell.final else "-" for s in seeds)
+            mean = statistics.mean(cell.final.values()) if cell.final else float("nan")
+            lines.append(f"| {cell.variant} | {mean:.2f} ± {_std(cell.final.values()):.2f} | {per_seed} |")
+    with_iou = [cell for cell in cells if cell.iou]
+    if with_iou:
+        classes = list(next(iter(with_iou[0].iou.values())))
+        lines += ["", "Per-class IoU of the best checkpoints, mean over seeds:", "",
+                  "| class | " + " | ".join(cell.variant for cell in with_iou) + " |",
+                  "|---|" + "---:|" * len(with_iou)]  # fmt: skip
+        for name in classes:
+            lines.append(f"| {name} | " + " | ".join(f"{cell.class_mean(name):.1f}" for cell in with_iou) + " |")
+    chart = results_path(base, Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
+    lines += ["", f"![val mIoU per variant]({chart})", ""]
+    if any(cell.curve for cell in cells):
+        lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
+                  f"![learning curves]({chart.replace('.png', '-curves.png')})", ""]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    device = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "torch on CPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {device}"
+
+
+def bar_chart(cells: list[Cell], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    names = [c.variant for c in cells]
+    ax.bar(range(len(cells)), [c.mean for c in cells], yerr=[c.std for c in cells], capsize=4, color="#4c72b0")
+    for i, cell in enumerate(cells):
+        ax.scatter([i] * len(cell.miou), list(cell.miou.values()), color="black", s=10, zorder=3)
+    ax.set_xticks(range(len(cells)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("val mIoU (%)")
+    low = min(min(c.miou.values()) for c in cells)
+    ax.set_ylim(max(0, low - 5), max(max(c.miou.values()) for c in cells) + 3)
+    ax.set_title(f"{title}: mean ± std over seeds (dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def curves_chart(cells: list[Cell], title: str, out: Path) -> None:
+    """Val mIoU against train step per variant: the mean over seeds, and their range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    for cell in cells:
+        if not cell.curve:
+            continue
+        length = min(len(curve) for curve in cell.curve.values())  # seeds still running have fewer points
+        steps = [point["step"] for point in next(iter(cell.curve.values()))[:length]]
+        values = [[curve[i]["val/miou"] for curve in cell.curve.values()] for i in range(length)]
+        (line,) = ax.plot(steps, [statistics.mean(v) for v in values], label=cell.variant, lw=1.4)
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("train step")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title(f"{title}: val mIoU during training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
+    """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
+    the testbed regime adds -testbed, a baselines-only run -baselines, and a split other than 1/8 its fraction
+    (results-testbed-1_16.md)."""
+    name = "results"
+    if base.preset.startswith(REGIMES["testbed"] + "-"):
+        name += "-testbed"
+    if baselines_only:
+        name += "-baselines"
+    if base.data.split != "1/8":
+        name += "-" + base.data.split.replace("/", "_")
+    if base.data.synth_seed:
+        name += f"-synth{base.data.synth_seed}"
+    return docs / f"{name}.md"
+
+
+def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path, sha: str) -> Path:
+    command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
+    path = results_path(base, docs, len(cells) < len(VARIANTS))
+    bar_chart(cells, base.preset, path.with_suffix(".png"))
+    if any(cell.curve for cell in cells):
+        curves_chart(cells, base.preset, path.with_name(path.stem + "-curves.png"))
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou)
+    write_text(path, text + kept_notes(path))
+    return path
+
+
+KEEP_MARKER = "<!-- s4mim quality keeps everything below this line -->"
+
+
+def kept_notes(path: Path) -> str:
+    """What follows ``KEEP_MARKER`` in an existing results file (hand-written analysis), marker included."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    return "\n" + text[text.index(KEEP_MARKER) :] if KEEP_MARKER in text else ""

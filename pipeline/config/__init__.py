@@ -1,0 +1,1 @@
+"""Settings: the validated config and its presets."""

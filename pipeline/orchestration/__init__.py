@@ -1,0 +1,1 @@
+"""Running stages in order, each once: the stage cache, its fingerprints and locks."""

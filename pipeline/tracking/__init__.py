@@ -1,0 +1,1 @@
+"""MLflow: the runs each stage logs, their comparison, and the UI."""

@@ -1,0 +1,1 @@
+"""What a stage computes: data preparation, the engine, inference, metrics and pictures."""

@@ -1,0 +1,148 @@
+"""``s4mim quality`` on tiny settings, and the results table it writes."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.commands.quality import VARIANTS, Cell, results_markdown
+from tests.conftest import TINY_OVERRIDES
+from tests.pipeline.cli_helpers import run_main
+
+
+def test_results_table_gives_mean_std_and_each_seed(tiny_config):
+    iou = {0: {"background": 90.0, "disc": 10.0}, 1: {"background": 94.0, "disc": 20.0}}
+    cells = [Cell("unimatch", {0: 50.0, 1: 52.0}, final={0: 48.0, 1: 51.0}, iou=iou), Cell("s4mim", {0: 49.0})]
+    text = results_markdown(tiny_config(), cells, [0, 1], 3, 7, 125.0, "s4mim quality", "abc123", {0: 40.0, 1: 42.0})
+    assert "| unimatch | 51.00 ± 1.41 | 50.00 | 52.00 |" in text
+    assert "| s4mim | 49.00 ± 0.00 | 49.00 | - |" in text
+    assert "| unimatch | 49.50 ± 2.12 | 48.00 | 51.00 |" in text  # after the last epoch
+    assert "| class | unimatch |" in text and "| disc | 15.0 |" in text  # per-class IoU, mean over seeds
+    assert "41.00 ± 1.41 | 40.00 | 42.00 |" in text  # the warmup teacher row
+    assert "`s4mim quality`" in text and "`abc123`" in text and "3 epochs of 7 steps" in text
+
+
+def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_path):
+    from torchvision.io import decode_png, read_file
+
+    docs = tmp_path / "docs"
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]  # --epochs sets it
+    sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, err
+    text = (docs / "results-1_4.md").read_text()  # the tiny settings label 1/4 of the images
+    for name in VARIANTS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
+    assert "1 epochs of 2 steps" in text and "warmup teacher" in text
+    assert "after their last epoch" in text and "| background |" in text
+    # A rewrite of the table keeps the notes written below the marker, and only those.
+    from pipeline.commands.quality import KEEP_MARKER
+
+    (docs / "results-1_4.md").write_text(text.replace("warmup teacher", "OLD") + f"{KEEP_MARKER}\n## Diagnosis\nkept\n")
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    again = (docs / "results-1_4.md").read_text()
+    assert (
+        "OLD" not in again and again.endswith(f"{KEEP_MARKER}\n## Diagnosis\nkept\n") and again.count(KEEP_MARKER) == 1
+    )
+    for chart in ("results-1_4.png", "results-1_4-curves.png"):
+        image = decode_png(read_file(str(docs / chart)))
+        assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
+    assert "(results-1_4-curves.png)" in again
+    # every variant ran as its own pipeline: a train stage each, one shared warmup
+    stages = runs / "stages" / "shapes-1_8"
+    assert len(list(stages.glob("train-*"))) == len(VARIANTS) and len(list(stages.glob("warmup-*"))) == 1
+
+
+def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
+    from pipeline.commands.quality import BASELINES, cell_configs, preset_for, results_path
+    from pipeline.config.presets import load_preset
+    from pipeline.errors import UsageError
+
+    assert preset_for("1/8") == "shapes-1/8" and preset_for("1/32", "testbed") == "shapes48-1/32"
+    with pytest.raises(UsageError, match="the testbed regime has 1/32, 1/16, 1/8"):
+        preset_for("1/2", "testbed")
+    with pytest.raises(UsageError, match="choose one of short, testbed"):
+        preset_for("1/8", "long")
+    base = load_preset("shapes48-1/16")
+    cells = cell_configs(base, [0, 1], base.train.epochs, base.train.steps_per_epoch, BASELINES)
+    assert [(name, seed) for name, seed, _ in cells] == [(n, s) for s in (0, 1) for n in BASELINES]
+    matched = {name: config for name, seed, config in cells if seed == 0}
+    assert matched["supervised (epoch-matched)"].train.match == "epochs"
+    assert matched["supervised (step-matched)"].train.match == "steps"
+    assert {c.train.epochs * c.train.steps_per_epoch for c in matched.values()} == {20_000}
+    assert results_path(base, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_16.md")
+
+
+def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
+    code, _, err = run_main(capsys, "quality", "--local", "--set", "train.epochs=3")
+    assert code == 2 and "--set train.epochs" in err and "--epochs" in err
+
+
+def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, tiny_shapes, tmp_path):
+    from pipeline.commands.quality import results_path
+
+    def config(*extra):
+        from pipeline.config.presets import load_preset
+
+        return load_preset("shapes-1/8", list(extra))
+
+    docs = tmp_path / "docs"
+    assert results_path(config(), docs) == docs / "results.md"
+    assert results_path(config("data.synth_seed=2"), docs) == docs / "results-synth2.md"
+    assert results_path(config("data.split=1/16", "data.synth_seed=1"), docs) == docs / "results-1_16-synth1.md"
+    # The tiny dataset was generated with seed 0: asking for held-out seed 1 on it is refused before any run.
+    sets = ["--set", f'data.root="{tiny_shapes}"']
+    code, _, err = run_main(capsys, "quality", "--local", "--synth-seed", "1", "--docs", str(docs), *sets)
+    assert code == 2 and "generated with seed 0, not 1" in err and "data.synth_seed=0" in err
+    assert not docs.exists()
+    code, _, err = run_main(capsys, "quality", "--local", "--split", "1/3")
+    assert code == 2 and "--split 1/3" in err
+    code, _, err = run_main(capsys, "quality", "--local", "--set", "data.synth_seed=1")
+    assert code == 2 and "--synth-seed" in err
+
+
+def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
+    """--jobs 2: the runs train in two s4mim processes at a time, one warmup per seed, and the table
+    comes from their cached stages."""
+    from tests.conftest import run_cli
+
+    docs = tmp_path / "docs"
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]
+    sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--local", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs)]
+    proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = max(1, (os.cpu_count() or 1) // 2)  # --jobs 2 splits the host's cores between the two runs
+    assert f"{len(VARIANTS)} runs to train, 2 side by side with {threads} thread(s) each" in proc.stdout
+    stages = runs / "stages" / "shapes-1_8"
+    assert len(list(stages.glob("warmup-*"))) == 1 and len(list(stages.glob("train-*"))) == len(VARIANTS)
+    logs = sorted(p.name for p in (runs / "quality" / "logs").iterdir())
+    assert len(logs) == len(VARIANTS) + 1 and sum(name.startswith("warmup-") for name in logs) == 1
+    text = (docs / "results-1_4.md").read_text()
+    assert all(f"| {name} |" in text for name in VARIANTS)
+    # Everything is cached now: a rerun starts no process.
+    proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)})
+    assert proc.returncode == 0 and "runs to train" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_path):
+    """Without --local, the side-by-side runs join the Ray the quality command started and log to its MLflow."""
+    from tests.conftest import run_cli
+
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]
+    sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(tmp_path / "d")]
+    proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)}, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs = list((runs / "quality" / "logs").glob("*.log"))
+    assert len(logs) == len(VARIANTS) + 1
+    addresses = {line.split()[3].rstrip(":") for log in logs for line in log.read_text().splitlines()
+                 if line.startswith("Ray cluster at")}  # fmt: skip
+    assert len(addresses) == 1  # every run joined the one cluster
+    assert (runs / "mlflow.db").is_file()
+    assert (tmp_path / "d" / "results-1_4.md").is_file()

@@ -1,0 +1,105 @@
+"""A stage being run holds a lock: a second s4mim asked for the same stage stops at once, leaving no trace."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline.errors import UsageError
+from pipeline.orchestration.orchestrate import lock_path, stage_folder, stage_lock
+from pipeline.training.prepare import prepare_stage
+from tests.pipeline.cli_helpers import one_line_error, run_s4mim, tree_state
+from tests.pipeline.ray_helpers import mlflow_runs, tiny_args
+
+
+def test_a_held_stage_refuses_a_second_holder_until_released(tmp_path):
+    folder = tmp_path / "stages" / "p" / "train-abc"
+    lock = tmp_path / "stages" / ".locks" / "train-abc.lock"
+    assert lock_path(folder) == lock
+    with stage_lock(folder, "train"):
+        assert f"pid {os.getpid()} on " in lock.read_text()
+        with pytest.raises(UsageError, match=rf"train stage is already running .*pid {os.getpid()} on .*train-abc"):
+            with stage_lock(folder, "train"):
+                pass
+        # the same stage hash under another preset's folder is the same stage
+        with pytest.raises(UsageError, match="already running"):
+            with stage_lock(tmp_path / "stages" / "other" / "train-abc", "train"):
+                pass
+        with stage_lock(folder.with_name("train-abd"), "train"):  # another hash is another stage
+            pass
+    assert not lock.exists()
+    lock.write_text("pid 1 on elsewhere, since long ago\n")  # left by a killed run: the kernel holds no lock on it
+    with stage_lock(folder, "train"):
+        assert f"pid {os.getpid()} on " in lock.read_text()
+
+
+def _untracked_state(runs):
+    return [tree_state(runs / name) if (runs / name).exists() else None for name in ("stages", "manifests", "splits")]
+
+
+def test_pipeline_and_stage_commands_stop_on_a_stage_in_use(tiny_config, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    env = {"S4MIM_RUNS": str(runs), "S4MIM_DATA": str(tmp_path / "data"), "RAY_ADDRESS": ""}
+    config = tiny_config()
+    prepared = prepare_stage(config, runs)
+    warmup = stage_folder(runs, config, "warmup", prepared.inputs_hash)
+    with stage_lock(warmup, "warmup"):
+        before = _untracked_state(runs)
+        for command in (["pipeline", "run"], ["warmup"]):
+            done = run_s4mim(*command, "shapes-1/8", *tiny_args(tiny_shapes), env=env)
+            assert done.returncode == 2, done.stderr[-3000:]
+            line = one_line_error(done.stderr)
+            assert f"the warmup stage is already running in another s4mim (pid {os.getpid()} on " in line
+            assert str(warmup) in line and "wait for it to finish" in line
+        assert _untracked_state(runs) == before
+    assert mlflow_runs(runs / "mlflow.db") == []  # refused before anything was tracked
+
+
+def test_a_sweep_stops_before_tracking_when_its_warmup_is_in_use(tiny_shapes, tmp_path):
+    from sweeps.spec import load_spec
+    from tests.sweeps.test_sweep_ray import _spec
+
+    runs = tmp_path / "runs"
+    env = {"S4MIM_RUNS": str(runs), "S4MIM_DATA": str(tmp_path / "data"), "RAY_ADDRESS": ""}
+    spec_file = _spec(tmp_path, tiny_shapes, "locked", [0.3])
+    base = load_spec(spec_file).check_keys()
+    warmup = stage_folder(runs, base, "warmup", prepare_stage(base, runs).inputs_hash)
+    with stage_lock(warmup, "warmup"):
+        before = _untracked_state(runs)
+        done = run_s4mim("sweep", spec_file, env=env)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "the warmup stage is already running in another s4mim" in one_line_error(done.stderr)
+        assert _untracked_state(runs) == before
+    assert mlflow_runs(runs / "mlflow.db") == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_rank_0_prepares_before_the_others(monkeypatch, tmp_path, rank):
+    """Every command that runs stages prepares through ``prepare_inputs``; ``pipeline run`` did not."""
+    import torch.distributed as dist
+
+    from pipeline.backends.local import LocalBackend
+    from pipeline.config.presets import load_preset
+    from pipeline.orchestration import orchestrate
+    from pipeline.training import distributed
+
+    events = []
+
+    class Stop(Exception):
+        pass
+
+    def prepare(config, runs, **kwargs):
+        events.append("prepare")
+        if events.count("prepare") == (2 if rank == 0 else 1) and "barrier" in events:
+            raise Stop  # the last preparation this rank makes: stop before any training
+        return None
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(distributed, "init_distributed", lambda: (rank, 2, None))
+    monkeypatch.setattr(dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(orchestrate, "prepare_stage", prepare)
+    with pytest.raises(Stop):
+        orchestrate.run_pipeline(load_preset("shapes-1/8"), tmp_path / "runs", LocalBackend())
+    assert events == (["prepare", "barrier", "prepare"] if rank == 0 else ["barrier", "prepare"])
