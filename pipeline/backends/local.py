@@ -20,7 +20,7 @@ from data_prep.atomic import atomic_path
 from pipeline.console import format_metrics, progress, say
 from pipeline.orchestration.results import write_evaluation, write_result
 from pipeline.training.distributed import init_distributed
-from pipeline.training.stages import EPOCH_KEYS
+from pipeline.training.stages import EPOCH_KEYS, StageInputs, evaluate, fit
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -70,8 +70,6 @@ class LocalContext:
 
 def run_training(config, stage: str, prepared, folder: Path, init_checkpoint: Path | None, extras=None) -> dict:
     """Train ``stage`` in this process (every torchrun process calls it); rank 0 writes the result."""
-    from pipeline.training.stages import StageInputs, fit
-
     rank, world, device = init_distributed()
     schedule = config.warmup if stage == "warmup" else config.train
     ctx = LocalContext(stage, folder, rank, world, device, schedule.epochs)
@@ -85,8 +83,6 @@ def run_training(config, stage: str, prepared, folder: Path, init_checkpoint: Pa
 
 
 def run_evaluation(config, prepared, folder: Path, checkpoint: Path) -> dict:
-    from pipeline.training.stages import StageInputs, evaluate
-
     rank, world, device = init_distributed()
     started = time.perf_counter()
     evaluation = evaluate(config, StageInputs(prepared.manifest, prepared.split_dir, checkpoint), device, rank, world)
