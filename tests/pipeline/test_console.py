@@ -66,3 +66,64 @@ def test_library_loggers_and_warnings_go_to_the_stage_log(tmp_path, capsys):
     text = log.read_text()
     assert "Saving pytorch model by Pickle" in text and "something Ray says" in text
     assert tail(log, 1) == [text.splitlines()[-1]]
+
+
+def _run_on_a_terminal(args: list[str], env: dict, *, columns: int = 120, timeout: float = 300) -> tuple[int, str]:
+    """The installed ``s4mim`` with stdin, stdout and stderr on a pseudo-terminal, as in a user's shell."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    from tests.pipeline.cli_helpers import S4MIM
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    child = subprocess.Popen([str(S4MIM), *args], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                             env={**os.environ, "TERM": "xterm-256color", **env})  # fmt: skip
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed its side
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif child.poll() is not None:
+                break
+        else:
+            child.kill()
+            raise AssertionError("s4mim did not finish on the terminal in time")
+    finally:
+        os.close(master)
+    return child.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_on_a_terminal_a_long_epoch_shows_a_progress_bar_that_makes_way_for_the_epoch_line(tiny_shapes, tmp_path):
+    from tests.conftest import TINY_OVERRIDES
+
+    args = ["warmup", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
+    for item in (*TINY_OVERRIDES, "warmup.steps_per_epoch=30"):
+        args += ["--set", item]
+    code, screen = _run_on_a_terminal(args, {"S4MIM_RUNS": str(tmp_path / "runs")})
+    assert code == 0, screen[-3000:]
+    # rich draws the bar in place: its label, the bar, steps done of the epoch's 30, the running loss
+    frames = [line for line in re.split(r"[\r\n]", ANSI.sub("", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)))
+              if "━" in line]  # fmt: skip
+    assert any("[warmup] epoch 1/1" in f and re.search(r"\b\d+/30\b", f) for f in frames), screen[-3000:]
+    assert any("loss " in f for f in frames), screen[-3000:]
+    assert re.search(r"\x1b\[\?25l", screen)  # the cursor is hidden while the bar draws ...
+    assert re.search(r"\x1b\[\?25h", screen)  # ... and shown again once it is gone
+    # the bar is transient: after its last frame comes the epoch's own line, once, with its metrics
+    after = screen[screen.rindex("━") :]
+    lines = re.split(r"[\r\n]+", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", after))
+    assert [line for line in lines if line.startswith("[warmup] epoch 1/1  loss ")], lines
+    assert "━" not in screen[screen.index("[warmup] epoch 1/1  loss") :]
