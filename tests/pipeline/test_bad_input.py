@@ -167,9 +167,16 @@ def interrupt_after(args: list[str], env: dict, marker: str, timeout: float = 30
     return process.returncode, "".join(out) + rest, err
 
 
+def epoch_line(stage: str, epoch: int, epochs: int) -> str:
+    """The start of the line a finished epoch prints. The plain progress lines of an epoch still running
+    read ``  [warmup] epoch 2/6: 10/40 ...``, so the two spaces after the count tell them apart."""
+    return f"[{stage}] epoch {epoch}/{epochs}  "
+
+
 def last_epoch_seen(out: str, stage: str) -> int:
+    """The last epoch ``out`` says was finished (its checkpoint is written before its line)."""
     epochs = [int(line.split(f"[{stage}] epoch ", 1)[1].split("/")[0]) for line in out.splitlines() if
-              f"[{stage}] epoch " in line]  # fmt: skip
+              line.startswith(f"[{stage}] epoch ") and line.split("/", 1)[1].split(" ", 1)[0].isdigit()]  # fmt: skip
     return max(epochs, default=0)
 
 
@@ -178,7 +185,7 @@ def test_ctrl_c_in_a_local_stage_exits_130_quietly_and_resumes(tiny_shapes, tmp_
     # Epochs of a few seconds: Ctrl-C lands long before the last one, even on a loaded machine.
     args = ["warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes, "warmup.epochs=6", "data.loader_workers=2",
             "warmup.steps_per_epoch=40")]  # fmt: skip
-    code, out, err = interrupt_after(args, env, "[warmup] epoch 2/6")
+    code, out, err = interrupt_after(args, env, epoch_line("warmup", 2, 6))
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and "Error" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
@@ -188,7 +195,7 @@ def test_ctrl_c_in_a_local_stage_exits_130_quietly_and_resumes(tiny_shapes, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = int(done.stdout.split("[warmup] resuming after epoch ", 1)[1].split()[0])
     assert resumed >= seen  # no finished epoch is trained again
-    assert f"[warmup] epoch {resumed + 1}/6" in done.stdout and "[warmup] epoch 6/6" in done.stdout
+    assert epoch_line("warmup", resumed + 1, 6) in done.stdout and epoch_line("warmup", 6, 6) in done.stdout
 
 
 # -- 4. a split with no unlabeled images ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from ray._private.utils import get_num_cpus
 
 from tests.pipeline.cli_helpers import S4MIM, run_s4mim
 from tests.pipeline.ray_helpers import RayHead, tiny_args, wait_for
-from tests.pipeline.test_bad_input import interrupt_after, last_epoch_seen
+from tests.pipeline.test_bad_input import epoch_line, interrupt_after, last_epoch_seen
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 HINT = "interrupted; run the same command again to resume"
@@ -36,7 +36,7 @@ def _warmup_args(tiny_shapes, epochs: int = 8) -> list[str]:
 def test_ctrl_c_under_ray_exits_130_and_resumes_from_the_last_finished_epoch(tiny_shapes, tmp_path, attempt):
     env = {"S4MIM_RUNS": str(tmp_path / "runs"), "RAY_AUTH_MODE": "disabled"}
     args = _warmup_args(tiny_shapes)
-    code, out, err = interrupt_after(args, env, f"[warmup] epoch {2 + attempt % 2}/8")
+    code, out, err = interrupt_after(args, env, epoch_line("warmup", 2 + attempt % 2, 8))
     assert code == 130, (out + err)[-3000:]
     assert err.strip().splitlines()[-1] == HINT, err[-3000:]
     assert "Traceback" not in err.split("Ray local", 1)[-1].rsplit(HINT, 1)[-1]
@@ -46,8 +46,8 @@ def test_ctrl_c_under_ray_exits_130_and_resumes_from_the_last_finished_epoch(tin
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = int(done.stdout.split("[warmup] resuming after epoch ", 1)[1].split()[0])
     assert resumed >= seen, done.stdout  # every epoch printed before Ctrl-C is kept
-    assert f"[warmup] epoch {seen}/8" not in done.stdout
-    assert "[warmup] epoch 8/8" in done.stdout
+    assert epoch_line("warmup", seen, 8) not in done.stdout
+    assert epoch_line("warmup", 8, 8) in done.stdout
 
 
 def test_without_an_address_s4mim_runs_on_a_private_ray(tiny_shapes, tmp_path):
@@ -80,7 +80,7 @@ def test_a_cluster_that_dies_mid_run_is_one_line_and_the_rerun_resumes(tiny_shap
         out = []
         for line in process.stdout:
             out.append(line)
-            if "[warmup] epoch 2/30" in line:
+            if epoch_line("warmup", 2, 30) in line:
                 break
         head.stop()
         rest, err = process.communicate(timeout=300)
@@ -92,7 +92,7 @@ def test_a_cluster_that_dies_mid_run_is_one_line_and_the_rerun_resumes(tiny_shap
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "the Ray cluster went away during the warmup stage" in lines[0], err[-3000:]
     assert "run the same command again to resume" in lines[0]
-    assert "Traceback" not in err.split("[warmup] epoch 2/30")[-1], err[-3000:]
+    assert "Traceback" not in err.split(epoch_line("warmup", 2, 30))[-1], err[-3000:]
 
     wait_for(lambda: not head.pids(), 30, "the dead cluster's processes to end")
     env.pop("RAY_ADDRESS")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 import urllib.request
@@ -145,11 +143,11 @@ def test_plot_writes_a_png_that_decodes(capsys, store, tmp_path):
 
 
 def test_ui_server_shows_both_splits_over_rest(store, runs):
-    from pipeline.tracking.ui import free_port, server_command
+    from pipeline.tracking.ui import free_port, server_command, server_env, stop_server
 
     port = free_port()
-    server = subprocess.Popen(server_command(store, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(server_command(store, port), env=server_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -176,6 +174,5 @@ def test_ui_server_shows_both_splits_over_rest(store, runs):
         splits = {tag["value"] for run in found for tag in run["data"]["tags"] if tag["key"] == "split"}
         assert splits == {"shapes-1/8", "shapes-1/4"}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stop_server(server)  # the whole group, killed if it does not stop: no server outlives the test
     assert server.returncode is not None
