@@ -83,8 +83,13 @@ JOBS_ON = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}  # the server's job run
 
 @pytest.mark.parametrize(
     "signum, env",
-    [(signal.SIGTERM, JOBS_ON), (signal.SIGINT, {}), (signal.SIGHUP, {})],
-    ids=["SIGTERM-jobs-on", "SIGINT", "SIGHUP"],
+    [
+        (signal.SIGTERM, {}),
+        (signal.SIGINT, {}),
+        (signal.SIGHUP, {}),
+        pytest.param(signal.SIGTERM, JOBS_ON, marks=pytest.mark.slow),  # a server of nine processes: minutes to start
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-jobs-on"],
 )
 def test_a_signal_stops_the_whole_server_and_frees_the_port(signum, env, tmp_path):
     port = _free_port()
