@@ -25,7 +25,9 @@ _TRAINING = (
     "pipeline/training/engine.py",
     "pipeline/training/inference.py",
     "pipeline/training/metrics.py",
+    "pipeline/training/optimization.py",
     "pipeline/training/stages.py",
+    "pipeline/training/terms.py",
 )
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "warmup": _TRAINING,

@@ -40,9 +40,10 @@ from data_prep.splits import Split, read_split
 from model.masking import apply_patch_mask, patch_mask
 from pipeline.config.schema import Config
 from pipeline.console import counted
-from pipeline.training.engine import Engine, build_model, is_distributed, load_weights, rng_state, set_rng_state
+from pipeline.training.engine import Engine, build_model, load_weights, rng_state, set_rng_state
 from pipeline.training.inference import Inference
 from pipeline.training.metrics import iou_per_class, mean_iou
+from pipeline.training.optimization import is_distributed
 
 # What each epoch's console line shows, when a stage reports it.
 EPOCH_KEYS = ("train/loss", "train/loss_x", "train/loss_s", "train/loss_cmim", "train/loss_fa", "train/loss_smim",

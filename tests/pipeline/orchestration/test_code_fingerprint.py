@@ -126,3 +126,53 @@ def test_eval_settings_are_hashed_by_every_stage_whose_best_checkpoint_they_pick
     for stage in ("warmup", "train"):
         assert stage_hash(fewer_pictures, stage, "inputs") == stage_hash(base, stage, "inputs"), stage
     assert stage_hash(fewer_pictures, "evaluate", "inputs") != stage_hash(base, "evaluate", "inputs")
+
+
+# Modules a stage imports that do not decide what it computes, each with the reason it may stay outside.
+OUTSIDE_THE_FINGERPRINT = {
+    "pipeline/console.py": "console output only",
+    "pipeline/paths.py": "where files are, not what is in them",
+    "pipeline/errors.py": "error types",
+    "pipeline/fingerprint.py": "this module",
+    # the weights it resolves are hashed by their bytes, and its own code by the pretrain fingerprint
+    "pipeline/training/standin.py": "hashed through the weights it resolves",
+}
+
+
+def _project_imports(path: Path) -> set[Path]:
+    """The project's source files that ``path`` imports, at the top or inside a function."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ("pipeline", "model", "data_prep"):
+                module = ROOT.joinpath(*name.split("."))
+                for candidate in (module.with_suffix(".py"), module / "__init__.py"):
+                    if candidate.is_file():
+                        found.add(candidate)
+    return found
+
+
+def test_every_module_the_stages_import_is_fingerprinted_or_named_as_outside():
+    """A new file the stages import (the loss terms, say) must join STAGE_CODE, or it changes results
+    without rerunning a cached stage."""
+    from pipeline.fingerprint import STAGE_CODE
+
+    seen, todo = set(), [ROOT / "pipeline" / "training" / "stages.py"]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += _project_imports(path)
+    covered = {path for pattern in STAGE_CODE["evaluate"] for path in ROOT.glob(pattern)}
+    reachable = {str(path.relative_to(ROOT)) for path in seen if path.name != "__init__.py"}
+    assert {"pipeline/training/terms.py", "pipeline/training/optimization.py"} <= reachable
+    missing = reachable - {str(path.relative_to(ROOT)) for path in covered} - set(OUTSIDE_THE_FINGERPRINT)
+    assert not missing, f"imported by the stages but in no fingerprint: {sorted(missing)}"

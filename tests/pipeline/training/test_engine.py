@@ -5,7 +5,8 @@ import io
 import pytest
 import torch
 
-from pipeline.training.engine import Engine, build_model, poly_lr, rng_state, set_rng_state
+from pipeline.training.engine import Engine, build_model, rng_state, set_rng_state
+from pipeline.training.optimization import poly_lr
 
 SPEC_TRAIN_METRICS = {"loss", "loss_x", "loss_s", "loss_fp", "loss_cmim", "loss_fa", "loss_smim", "mask_ratio", "lr"}
 
@@ -136,7 +137,7 @@ def test_gradient_norms_are_measured_without_changing_the_step(tiny_config, vari
 
 
 def test_pseudo_label_accuracy_counts_only_labelled_pixels():
-    from pipeline.training.engine import pseudo_label_accuracy
+    from pipeline.training.terms import pseudo_label_accuracy
 
     pseudo = torch.tensor([[[1, 2, 3, 4]]])
     truth = torch.tensor([[[1, 2, 0, 255]]])
@@ -224,7 +225,7 @@ def test_gradient_norms_are_logged_at_their_interval(tiny_config):
 
 def test_cmim_on_the_whole_image_scores_the_plain_forward_per_class(tiny_config, monkeypatch):
     """mim.input=whole: the masked forward sees plain MIM's input; the loss is scored per (image, class) pair."""
-    import pipeline.training.engine as engine_module
+    import pipeline.training.terms as terms_module
 
     batch = _batches(1, seed=5)[0]
     seen = {}
@@ -238,10 +239,10 @@ def test_cmim_on_the_whole_image_scores_the_plain_forward_per_class(tiny_config,
                 seen[key] = (x.detach().clone(), out.reconstruction.detach().clone())
             return out
 
-        loss = engine_module.reconstruction_loss
+        loss = terms_module.reconstruction_loss
         monkeypatch.setattr(engine.model, "forward", record)
         monkeypatch.setattr(
-            engine_module, "reconstruction_loss", lambda r, t, b, k, c=scored, f=loss: c.append((r, b)) or f(r, t, b, k)
+            terms_module, "reconstruction_loss", lambda r, t, b, k, c=scored, f=loss: c.append((r, b)) or f(r, t, b, k)
         )
         torch.manual_seed(9)
         metrics = engine.train_step(*batch)
@@ -266,7 +267,7 @@ def test_feature_aggregation_trains_the_row_of_each_pair(tiny_config, monkeypatc
     """In the step itself, with B = 4 and K = 2: FA's gradient reaches the features of each scored pair's own
     input (isolated: one forward row per pair), or of its source image (whole: one row per image), and no
     other row."""
-    import pipeline.training.engine as engine_module
+    import pipeline.training.terms as terms_module
     from model.losses import downsample_mask
 
     config = tiny_config("unimatch.threshold=0.0", "mim.weight=0", "smim.weight=0", "fa.weight=1", "mim.patch=4",
@@ -274,12 +275,12 @@ def test_feature_aggregation_trains_the_row_of_each_pair(tiny_config, monkeypatc
     engine = _engine(config, "s4mim")
     seen = {}
 
-    def record_fa(features, batch, stop_grad, f=engine_module.feature_aggregation_loss):
+    def record_fa(features, batch, stop_grad, f=terms_module.feature_aggregation_loss):
         features.retain_grad()
         seen["features"], seen["batch"] = features, batch
         return f(features, batch, stop_grad)
 
-    monkeypatch.setattr(engine_module, "feature_aggregation_loss", record_fa)
+    monkeypatch.setattr(terms_module, "feature_aggregation_loss", record_fa)
     torch.manual_seed(3)
     engine.train_step(*_batches(1, seed=2, b=4, classes=2)[0])  # 2 classes in 8 px blocks: most pairs score
     features, batch = seen["features"], seen["batch"]
