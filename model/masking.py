@@ -155,6 +155,18 @@ def plain_masked_inputs(
     return whole, pairs
 
 
+def unscored_pixels(padding: torch.Tensor, masked: torch.Tensor, pixels: str) -> torch.Tensor:
+    """The pixels a masked view's loss leaves out, as a padding mask (B, H, W): the padding, plus the masked
+    pixels (``pixels="visible"``) or the visible ones (``"masked"``); ``"all"`` leaves out the padding only."""
+    if pixels == "all":
+        return padding
+    if pixels == "visible":
+        return padding | masked
+    if pixels == "masked":
+        return padding | ~masked
+    raise ValueError(f"pixels must be all, visible or masked, not {pixels!r}")
+
+
 def apply_patch_mask(images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """Fill the masked pixels of normalised images (B, 3, H, W) with 0, the mean colour."""
     return images * (~masked)[:, None].to(images.dtype)

@@ -179,10 +179,16 @@ class SMIMConfig(Section):
     weight: float = Field(0.5, ge=0, description="λ_smim, weight of masked modeling in semantic space; 0 is off.")
     ratio: float | None = Field(None, gt=0, lt=1, description="Masked fraction of the strong view; null: mim.ratio.")
     patch: int | None = Field(None, ge=1, description="Patch side; null: mim.patch.")
-    view: Literal["s2", "extra"] = Field(
+    view: Literal["s2", "extra", "weak"] = Field(
         "s2",
         description="s2: mask the second strong view (no extra forward; it then carries L_s2 and L_smim); "
-        "extra: an additional masked copy of the first strong view.",
+        "extra: an additional masked copy of the first strong view; weak: masked consistency (MIC-style), an "
+        "additional masked copy of the weak view, against the pseudo labels of the whole weak view.",
+    )
+    pixels: Literal["all", "visible", "masked"] = Field(
+        "all",
+        description="Pixels L_smim is scored on: all of the masked view's, only those its patch mask leaves "
+        "visible, or only the masked ones; the loss is averaged over those pixels.",
     )
     count: Literal["add", "replace"] = Field(
         "add",

@@ -32,6 +32,7 @@ from model.masking import (
     patch_mask,
     plain_masked_inputs,
     sample_classes,
+    unscored_pixels,
 )
 from pipeline.config.schema import Config
 
@@ -114,10 +115,16 @@ class StepTerms:
                 cfg.smim.ratio or cfg.mim.ratio,
                 device=s1.device,
             )
+            # The masked view, and the pseudo labels it is scored against (in the same pixel coordinates).
             if cfg.smim.view == "s2":
                 strong[1] = apply_patch_mask(s2, smim_mask)
-            else:
+                smim_target = target2
+            elif cfg.smim.view == "extra":
                 strong.append(apply_patch_mask(s1, smim_mask))
+                smim_target = target1
+            else:  # weak: the weak view masked, against the pseudo labels of the whole weak view
+                strong.append(apply_patch_mask(u_w, smim_mask))
+                smim_target = [label_w, conf_w, pad_u]
         with record_function("s4mim.strong_forward"):
             logits_s = net(torch.cat(strong)).logits.chunk(len(strong))
 
@@ -129,12 +136,16 @@ class StepTerms:
         if use_fp:
             terms["fp"] = pseudo_label_loss(out.logits_fp, label_w, conf_w, pad_u, tau)
         if self.uses("smim"):
-            if cfg.smim.view == "extra":
-                terms["smim"] = pseudo_label_loss(logits_s[2], *target1, tau)
-            elif cfg.smim.count == "add":
-                terms["smim"] = terms["s2"]  # the masked second view counts in L_base and as L_smim
+            pseudo, confidence, padding = smim_target
+            if cfg.smim.view == "s2" and cfg.smim.pixels == "all":
+                smim = terms["s2"]  # the masked second view's L_s2 is L_smim
             else:
-                terms["smim"] = terms.pop("s2")  # ... or once, as L_smim in place of L_s2
+                logits = logits_s[1] if cfg.smim.view == "s2" else logits_s[2]
+                padding = unscored_pixels(padding, smim_mask, cfg.smim.pixels)
+                smim = pseudo_label_loss(logits, pseudo, confidence, padding, tau)
+            if cfg.smim.view == "s2" and cfg.smim.count == "replace":
+                del terms["s2"]  # the masked second view counts once, as L_smim in place of L_s2
+            terms["smim"] = smim  # with count=add, L_s2 also counts in L_base
         if self.uses("cmim") or self.uses("fa"):
             terms |= self.masked(net, labeled, u_w, label_w, conf_w, pad_u)
         extra = {"mask_ratio": confident_fraction(conf_w, pad_u, tau)}

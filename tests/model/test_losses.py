@@ -17,7 +17,14 @@ from model.losses import (
     supervised_loss,
     total_loss,
 )
-from model.masking import MaskedInputs, class_isolated_inputs, patch_mask, plain_masked_inputs, sample_classes
+from model.masking import (
+    MaskedInputs,
+    class_isolated_inputs,
+    patch_mask,
+    plain_masked_inputs,
+    sample_classes,
+    unscored_pixels,
+)
 
 
 def _logits_for(labels: torch.Tensor, num_classes: int, margin: float) -> torch.Tensor:
@@ -276,3 +283,29 @@ def test_extra_terms_add_to_a_supervised_base():
     t = {"x": torch.tensor(1.0), "cmim": torch.tensor(3.0)}
     assert loss_coefficients(t, {"cmim": 1.0, "fa": 0.1, "smim": 0.5}) == {"x": 1.0, "cmim": 1.0}
     assert total_loss(t, {"cmim": 1.0, "fa": 0.1, "smim": 0.5}).item() == pytest.approx(4.0)
+
+
+def test_unscored_pixels_leave_out_the_padding_and_the_side_of_the_mask_not_scored():
+    padding = torch.tensor([[[True, False], [False, False]]])
+    masked = torch.tensor([[[False, True], [True, False]]])
+    assert unscored_pixels(padding, masked, "all").tolist() == [[[True, False], [False, False]]]
+    assert unscored_pixels(padding, masked, "visible").tolist() == [[[True, True], [True, False]]]
+    assert unscored_pixels(padding, masked, "masked").tolist() == [[[True, False], [False, True]]]
+    with pytest.raises(ValueError, match="all, visible or masked"):
+        unscored_pixels(padding, masked, "some")
+
+
+def test_a_pseudo_label_loss_on_the_visible_pixels_averages_over_them_alone():
+    """pseudo_label_loss with unscored_pixels(..., "visible") as padding: the mean cross-entropy over the
+    visible, unpadded pixels whose confidence passes the threshold, divided by the visible unpadded count."""
+    torch.manual_seed(0)
+    logits, pseudo = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    confidence = torch.rand(2, 4, 4)
+    padding = torch.zeros(2, 4, 4, dtype=torch.bool)
+    padding[:, 3] = True
+    masked = patch_mask(2, 4, 4, 2, 0.5, generator=torch.Generator().manual_seed(1))
+    loss = pseudo_label_loss(logits, pseudo, confidence, unscored_pixels(padding, masked, "visible"), 0.5)
+    ce = F.cross_entropy(logits, pseudo, reduction="none")
+    visible = ~padding & ~masked
+    by_hand = (ce * (visible & (confidence >= 0.5))).sum() / visible.sum()
+    torch.testing.assert_close(loss, by_hand)

@@ -211,6 +211,78 @@ def test_smim_replace_needs_the_second_view(tiny_config):
         tiny_config("smim.count=replace", "smim.view=extra")
 
 
+def _smim_calls(tiny_config, monkeypatch, *extra):
+    """One s4mim step with SMIM alone (τ 0): the patch mask SMIM drew, the strong forward's input, and every
+    pseudo-label loss's arguments in the order they were computed (s1, s2, fp, then smim where it has its own)."""
+    import pipeline.training.terms as terms_module
+
+    engine = _engine(tiny_config("unimatch.threshold=0.0", "mim.weight=0", "fa.weight=0", "smim.patch=8", *extra),
+                     "s4mim")  # fmt: skip
+    seen = {"calls": []}
+    draw, loss, forward = terms_module.patch_mask, terms_module.pseudo_label_loss, engine.model.forward
+
+    def record_mask(*args, **kw):
+        seen["mask"] = draw(*args, **kw)
+        return seen["mask"]
+
+    def record_loss(logits, pseudo, confidence, padding, threshold):
+        seen["calls"].append((logits.detach(), pseudo, confidence, padding))
+        return loss(logits, pseudo, confidence, padding, threshold)
+
+    def record_forward(x, **kw):
+        seen.setdefault("inputs", []).append(x.detach().clone())
+        return forward(x, **kw)
+
+    monkeypatch.setattr(terms_module, "patch_mask", record_mask)
+    monkeypatch.setattr(terms_module, "pseudo_label_loss", record_loss)
+    monkeypatch.setattr(engine.model, "forward", record_forward)
+    torch.manual_seed(4)
+    labeled, unlabeled, partner = _batches(1, seed=7)[0]
+    seen["metrics"] = engine.train_step(labeled, unlabeled, partner)
+    seen["weak"] = unlabeled["weak"]
+    return seen
+
+
+@pytest.mark.parametrize("pixels", ["visible", "masked"])
+def test_smim_on_part_of_the_pixels_is_the_mean_over_that_part(tiny_config, monkeypatch, pixels):
+    """smim.pixels: L_smim is the masked second view's cross-entropy averaged over its visible (or masked)
+    unpadded pixels alone, while L_s2 still scores every pixel of the same view."""
+    import torch.nn.functional as F
+
+    seen = _smim_calls(tiny_config, monkeypatch, f"smim.pixels={pixels}")
+    s2_logits, s2_pseudo, _, s2_padding = seen["calls"][1]
+    logits, pseudo, _, padding = seen["calls"][-1]
+    assert torch.equal(logits, s2_logits) and torch.equal(pseudo, s2_pseudo)
+    part = ~seen["mask"] if pixels == "visible" else seen["mask"]
+    assert torch.equal(padding, s2_padding | ~part)
+    ce = F.cross_entropy(s2_logits.float(), s2_pseudo, reduction="none")
+    scored = part & ~s2_padding
+    torch.testing.assert_close(seen["metrics"]["loss_smim"], (ce * scored).sum() / scored.sum())
+    every = ~s2_padding
+    s2 = (ce * every).sum() / every.sum()  # τ is 0: every unpadded pixel counts in L_s2
+    assert not torch.isclose(seen["metrics"]["loss_smim"], s2)
+    s1_logits, s1_pseudo, _, s1_padding = seen["calls"][0]
+    s1 = (F.cross_entropy(s1_logits.float(), s1_pseudo, reduction="none") * ~s1_padding).sum() / (~s1_padding).sum()
+    torch.testing.assert_close(seen["metrics"]["loss_s"], (s1 + s2) / 2)
+
+
+def test_smim_masked_consistency_masks_the_weak_view_against_its_own_pseudo_labels(tiny_config, monkeypatch):
+    """smim.view=weak (MIC-style): an extra forward of the weak view under SMIM's patch mask, scored against
+    the pseudo labels, confidences and padding of the whole weak view, the targets L_fp uses."""
+    from model.masking import apply_patch_mask
+
+    seen = _smim_calls(tiny_config, monkeypatch, "smim.view=weak")
+    strong = seen["inputs"][-1]  # s1, s2 and the masked weak view, in one forward
+    masked_weak = strong.chunk(3)[2]
+    torch.testing.assert_close(masked_weak, apply_patch_mask(seen["weak"], seen["mask"]))
+    assert seen["mask"].any() and not seen["mask"].all()
+    _, fp_pseudo, fp_confidence, fp_padding = seen["calls"][2]
+    _, pseudo, confidence, padding = seen["calls"][3]
+    assert torch.equal(pseudo, fp_pseudo) and torch.equal(confidence, fp_confidence)
+    assert torch.equal(padding, fp_padding)
+    assert len(seen["calls"]) == 4 and "loss_smim" in seen["metrics"]
+
+
 def test_gradient_norms_are_logged_at_their_interval(tiny_config):
     engine = _engine(tiny_config("unimatch.threshold=0.0"), "unimatch", total=12)
     logged = []
