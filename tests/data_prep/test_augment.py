@@ -73,6 +73,29 @@ def test_datasets_are_seeded_per_key(tiny_shapes):
     assert u["weak"].shape == u["strong1"].shape == (3, 32, 32) and u["padding"].dtype == torch.bool
 
 
+def test_a_sample_seeds_the_cpu_generator_alone_and_leaves_the_callers_stream(tiny_shapes, monkeypatch):
+    """Samples draw from the CPU generator seeded by their key; the accelerators' generators are not touched
+    (torch.manual_seed would seed them too, at about 1 ms a sample on a CUDA build), nor is the caller's
+    stream of random numbers."""
+    from data_prep.manifest import prepare
+
+    manifest, _, _ = prepare("shapes", tiny_shapes, tiny_shapes.parent / "manifests")
+    rows = [r for r in manifest.rows("train")]
+    expected = LabeledDataset(rows, crop=32)[(0, 11)]
+
+    def refuse(seed):
+        raise AssertionError("a sample called torch.manual_seed")
+
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    torch.random.default_generator.manual_seed(5)
+    before = torch.rand(4)
+    torch.random.default_generator.manual_seed(5)
+    sample = LabeledDataset(rows, crop=32)[(0, 11)]
+    UnlabeledDataset([{**r, "mask": None} for r in rows], crop=32)[(1, 5)]
+    assert torch.equal(torch.rand(4), before)  # the caller's stream goes on as if no sample had been drawn
+    assert torch.equal(sample["image"], expected["image"]) and torch.equal(sample["label"], expected["label"])
+
+
 def test_unlabeled_truth_is_the_weak_views_mask_and_changes_no_view(tiny_shapes):
     from data_prep.manifest import prepare
 
