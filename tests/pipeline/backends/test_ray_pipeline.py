@@ -154,11 +154,13 @@ def _check_pyfunc_scores(runs, uri: str) -> None:
 
 
 def test_killed_worker_resumes_from_its_checkpoint_into_the_same_run(cluster, tiny_shapes, tmp_path):
+    """Also run with --verbose: Ray's own output then reaches the console beside the project's lines."""
     runs = tmp_path / "runs"
     env = env_for(runs, cluster.address)
     args = [
         "warmup",
         "shapes-1/8",
+        "--verbose",
         *tiny_args(tiny_shapes, "warmup.epochs=5", "warmup.eval_every=1", "scaling.workers=2", "data.split=1/2"),
     ]
     outcome = {}
@@ -182,6 +184,12 @@ def test_killed_worker_resumes_from_its_checkpoint_into_the_same_run(cluster, ti
     steps = [m.step for m in client.get_metric_history(records[0]["run_id"], "train/loss")]
     assert len(steps) == len(set(steps)) and max(steps) == 5 * result["steps_per_epoch"]
 
+    # --verbose: the project's lines as without it, Ray's own output on stderr, and both still in stage.log
+    assert "[warmup] epoch 5/5  loss" in done.stdout
+    assert "(TrainController pid=" in done.stderr
+    (log,) = (runs / "stages" / "shapes-1_8").glob("warmup-*/stage.log")
+    assert "(TrainController pid=" in log.read_text()
+
 
 def test_cluster_that_cannot_fit_the_workers_fails_before_training(cluster, tiny_shapes, tmp_path):
     runs = tmp_path / "runs"
@@ -192,17 +200,7 @@ def test_cluster_that_cannot_fit_the_workers_fails_before_training(cluster, tiny
     assert not (runs / "ray").exists() or not any((runs / "ray").iterdir())
 
 
-def test_verbose_shows_rays_own_output_beside_the_projects_lines(cluster, tiny_shapes, tmp_path):
-    runs = tmp_path / "runs"
-    args = ["warmup", "shapes-1/8", "--verbose", *tiny_args(tiny_shapes)]
-    done = run_s4mim(*args, env=env_for(runs, cluster.address))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "[warmup] epoch 1/1  loss" in done.stdout  # the project's lines, as without --verbose
-    assert "(TrainController pid=" in done.stderr  # Ray's own output, which otherwise only stage.log gets
-    (log,) = (runs / "stages" / "shapes-1_8").glob("warmup-*/stage.log")
-    assert "(TrainController pid=" in log.read_text()  # and still kept in the stage folder
-
-
+@pytest.mark.slow  # about 70 s: Ray Train replaces killed workers twice before the stage fails
 def test_a_stage_whose_workers_keep_dying_fails_with_the_tail_of_its_log(cluster, tiny_shapes, tmp_path):
     """The train workers are killed each time they have saved a new checkpoint, more often than
     ``FailureConfig`` replaces them: the stage fails, and what Ray said last (the cause is there, not in
