@@ -85,9 +85,8 @@ JOBS_ON = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}  # the server's job run
     "signum, env",
     [
         (signal.SIGTERM, {}),
-        # Ctrl-C and a closed terminal end in the same stop as SIGTERM; each case starts a server (30-40 s)
-        pytest.param(signal.SIGINT, {}, marks=pytest.mark.slow),
-        pytest.param(signal.SIGHUP, {}, marks=pytest.mark.slow),
+        (signal.SIGINT, {}),
+        (signal.SIGHUP, {}),
         pytest.param(signal.SIGTERM, JOBS_ON, marks=pytest.mark.slow),  # a server of nine processes: minutes to start
     ],
     ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-jobs-on"],
