@@ -160,7 +160,9 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
             while pending and len(running) < jobs and not failed:
                 label, args, log = pending.pop(0)
                 say(f"   started: {label}")
-                with open(log, "w") as out:
+                with open(log, "a") as out:  # a resumed run's log keeps what the interrupted one wrote
+                    out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: s4mim {' '.join(args)}\n")
+                    out.flush()
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "pipeline", *args, *target],
                         stdout=out,

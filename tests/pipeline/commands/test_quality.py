@@ -149,3 +149,15 @@ def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_
     assert len(addresses) == 1  # every run joined the one cluster
     assert (runs / "mlflow.db").is_file()
     assert (tmp_path / "d" / "results-1_4.md").is_file()
+
+
+def test_a_rerun_of_a_pool_run_adds_to_its_log(tmp_path):
+    """A run that is started again (to resume it) appends to its log: what the first attempt wrote stays."""
+    from pipeline.commands.quality import _run_pool
+
+    log = tmp_path / "run.log"
+    for _ in range(2):
+        _run_pool([("presets", ["presets"], log)], 1, [], dict(os.environ))
+    text = log.read_text()
+    assert text.count("== ") == 2 and text.count("s4mim presets") == 2
+    assert text.count("shapes-1/8") == 2  # both listings, one after the other
