@@ -403,8 +403,8 @@ def curves_chart(cells: list[Cell], title: str, out: Path) -> None:
 
 def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
     """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
-    the testbed regime adds -testbed, a baselines-only run -baselines, and a split other than 1/8 its fraction
-    (results-testbed-1_16.md)."""
+    the testbed regime adds -testbed, a baselines-only run -baselines, a split other than 1/8 its fraction
+    (results-testbed-1_16.md), and an initialisation other than none its name (-standin)."""
     name = "results"
     if base.preset.startswith(REGIMES["testbed"] + "-"):
         name += "-testbed"
@@ -412,6 +412,8 @@ def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
         name += "-baselines"
     if base.data.split != "1/8":
         name += "-" + base.data.split.replace("/", "_")
+    if base.model.init != "none":  # a pretrained backbone is another cell: results-testbed-baselines-1_32-standin.md
+        name += "-" + re.sub(r"[^a-z0-9]+", "_", base.model.init.lower()).strip("_")
     if base.data.synth_seed:
         name += f"-synth{base.data.synth_seed}"
     return docs / f"{name}.md"

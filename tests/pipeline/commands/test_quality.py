@@ -75,6 +75,8 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     assert matched["supervised (step-matched)"].train.match == "steps"
     assert {c.train.epochs * c.train.steps_per_epoch for c in matched.values()} == {20_000}
     assert results_path(base, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_16.md")
+    standin = load_preset("shapes48-1/32", ["model.init=standin"])
+    assert results_path(standin, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_32-standin.md")
 
 
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
