@@ -117,9 +117,6 @@ class Engine:
         self.step = 0
         self._last_grad_norm = -(10**9)  # the step gradient norms were last measured at
 
-    def uses(self, term: str) -> bool:
-        return term in self.terms
-
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

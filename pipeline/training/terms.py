@@ -59,7 +59,7 @@ class StepTerms:
     module, or ``None`` when the student labels its own weak view.
     """
 
-    def __init__(self, config: Config, num_classes: int, terms: tuple[str, ...], memory_format: torch.memory_format):
+    def __init__(self, config: Config, num_classes: int, terms: frozenset[str], memory_format: torch.memory_format):
         self.config, self.num_classes, self.terms, self.memory_format = config, num_classes, terms, memory_format
 
     def uses(self, term: str) -> bool:
