@@ -7,8 +7,6 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import signal
-
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -103,13 +101,6 @@ class EvalDataset(_Samples):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"image": normalize(self.image(index)), "label": self.mask(index).long(), "index": index}
-
-
-def ignore_interrupts(*_worker_id: int) -> None:
-    """A worker process's start (DataLoader ``worker_init_fn``, a pool's ``initializer``): Ctrl-C reaches
-    every process of the terminal's group; workers leave it to the main process, which stops them,
-    instead of each printing a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardedSampler(Sampler[Key]):

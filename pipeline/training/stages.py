@@ -32,11 +32,11 @@ from data_prep.datasets import (
     ShardedSampler,
     UnlabeledDataset,
     eval_indices,
-    ignore_interrupts,
     size_grouped_batches,
 )
 from data_prep.manifest import Manifest
 from data_prep.splits import Split, read_split
+from data_prep.workers import ignore_interrupts, interrupts_held
 from model.masking import apply_patch_mask, patch_mask
 from pipeline.config.schema import Config
 from pipeline.console import counted
@@ -100,6 +100,15 @@ class TrainData:
         return zip(self.labeled, self.unlabeled, partner)
 
 
+class Loader(DataLoader):
+    """A DataLoader whose worker processes start with Ctrl-C held (``data_prep.workers``): a key pressed
+    while they fork stops the run, instead of being lost in fork's hooks or killing a worker half-started."""
+
+    def __iter__(self):
+        with interrupts_held():
+            return super().__iter__()
+
+
 def _rows(manifest: Manifest, ids: list[str]) -> list[dict]:
     by_id = {r["id"]: r for r in manifest.rows()}
     return [by_id[i] for i in ids]
@@ -118,7 +127,7 @@ def build_data(
 
     def loader(dataset, stream: int) -> DataLoader:
         sampler = ShardedSampler(len(dataset), per_rank, rank=rank, world=world, seed=config.seed, stream=stream)
-        return DataLoader(
+        return Loader(
             dataset,
             batch_size=batch,
             sampler=sampler,
@@ -161,7 +170,7 @@ def loader_over(val_set: EvalDataset, config: Config, rank: int, world: int) -> 
     """This rank's share of ``val_set``, equal-size images batched together."""
     batches = size_grouped_batches(val_set.rows, eval_indices(len(val_set), rank, world), config.data.batch_size)
     workers = min(config.data.loader_workers, 2)
-    return DataLoader(val_set, batch_sampler=batches, num_workers=workers, worker_init_fn=ignore_interrupts)
+    return Loader(val_set, batch_sampler=batches, num_workers=workers, worker_init_fn=ignore_interrupts)
 
 
 def epoch_matched_steps(steps_per_epoch: int, split: Split, images_per_step: int) -> int:

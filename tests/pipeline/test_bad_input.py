@@ -160,11 +160,30 @@ def interrupt_after(args: list[str], env: dict, marker: str, timeout: float = 30
             if marker in line:
                 os.killpg(process.pid, signal.SIGINT)
                 break
-        rest, err = process.communicate(timeout=timeout)
+        try:
+            rest, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stacks = stacks_of_group(process.pid)
+            raise AssertionError(f"s4mim still runs {timeout:.0f} s after Ctrl-C; its processes:\n{stacks}") from None
     except BaseException:
         os.killpg(process.pid, signal.SIGKILL)
         raise
     return process.returncode, "".join(out) + rest, err
+
+
+def stacks_of_group(pgid: int) -> str:
+    """The Python stacks of every process in group ``pgid``, by py-spy (which Ray's default extra installs)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    reports = []
+    for pid in sorted(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()):
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+        except ProcessLookupError:
+            continue
+        dump = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+        reports.append(f"--- pid {pid}\n{dump.stdout or dump.stderr}")
+    return "\n".join(reports)
 
 
 def epoch_line(stage: str, epoch: int, epochs: int) -> str:
