@@ -54,12 +54,17 @@ def resolve_checkpoint(spec: str, runs: Path, tracking_uri: str | None = None) -
 
 
 def _from_folder(folder: Path) -> Path:
-    result = folder / "result.json"
-    if result.is_file():
-        checkpoint = json.loads(result.read_text()).get("checkpoint")
-        if checkpoint:
-            found = Path(checkpoint)
-            return found / "state.pt" if found.is_dir() else found
+    from pipeline.orchestration.results import read_result
+
+    checkpoint = (read_result(folder) or {}).get("checkpoint")
+    if checkpoint:
+        found = Path(checkpoint)
+        if not found.exists():
+            raise UsageError(
+                f"{folder} is a finished stage, but its checkpoint {found} is gone and is not in the runs "
+                f"folder either; pass a checkpoint file, or run the stage again with --force"
+            )
+        return found / "state.pt" if found.is_dir() else found
     for name in STATE_NAMES:
         if (folder / name).is_file():
             return folder / name

@@ -260,6 +260,11 @@ def run_claimed(backend: Backend, config: Config, prepared: Prepared, claim: Cla
     if claim.result is not None:
         say(f"[{claim.stage}] cached: {claim.folder}")
         return claim.result
+    if init_checkpoint and "://" not in init_checkpoint and not Path(init_checkpoint).exists():
+        raise UsageError(
+            f"the {claim.stage} stage starts from checkpoint {init_checkpoint}, which is gone and is not in the runs "
+            f"folder either: run again with --force on the stage before {claim.stage}"
+        )
     if claim.forced:
         shutil.rmtree(claim.folder, ignore_errors=True)
         backend.forget(config, claim.stage, prepared)

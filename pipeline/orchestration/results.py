@@ -18,13 +18,37 @@ def write_result(folder: Path, result: dict) -> None:
 
 
 def read_result(folder: Path) -> dict | None:
+    """The result in ``folder``, its checkpoint found again if the runs folder has moved (:func:`relocated`)."""
     path = Path(folder) / "result.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+    if isinstance(result.get("checkpoint"), str):
+        result["checkpoint"] = relocated(result["checkpoint"], Path(folder))
+    return result
+
+
+def relocated(checkpoint: str, folder: Path) -> str:
+    """``checkpoint``, named by the stage in ``folder``, where it lies now.
+
+    Results name checkpoints by absolute path: the stage folder's ``best.pt``, or a checkpoint under the
+    Ray storage in the runs folder. A runs folder moved or copied (from a cluster to a laptop, to another
+    disk) keeps its layout, so a path that is gone is looked for by its tail under the runs folder that
+    holds ``folder`` (``<runs>/stages/<preset>/<stage>``), the longest tail first. URIs, paths that exist
+    and paths not found again come back as they are.
+    """
+    path = Path(checkpoint)
+    if "://" in checkpoint or not path.is_absolute() or path.exists() or len(folder.parents) < 3:
+        return checkpoint
+    runs = folder.resolve().parents[2]
+    for start in range(1, len(path.parts) - 1):
+        candidate = runs.joinpath(*path.parts[start:])
+        if candidate.exists():
+            return str(candidate)
+    return checkpoint
 
 
 def write_evaluation(folder: Path, evaluation, checkpoint: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,42 @@ def test_predicted_masks_are_what_evaluate_scores(trained, tiny_shapes, tmp_path
     assert [Path(r["image"]).name for r in rows] == [p.name for p in images]
     for row in rows:
         assert sum(float(row[name]) for name in evaluation["iou"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def moved(runs: Path, to: Path) -> Path:
+    """A copy of ``runs`` at ``to`` whose results name checkpoints where the runs folder used to be, a
+    place that is gone: the runs folder as a user finds it after moving it (from a cluster, to a disk)."""
+    shutil.copytree(runs, to)
+    for result in to.glob("stages/*/*/result.json"):
+        text = result.read_text().replace(str(runs), "/a/folder/that/is/gone/runs")
+        assert text != result.read_text()
+        result.write_text(text)
+    return to
+
+
+def test_a_moved_runs_folder_still_predicts_and_evaluates(trained, tiny_shapes, tmp_path):
+    runs = moved(trained, tmp_path / "moved")
+    train = _stage(runs, "train")
+    image = str(_val_images(tiny_shapes)[0])
+    done = run_s4mim("predict", str(train), image, "--out", str(tmp_path / "preds"), env={"S4MIM_RUNS": str(runs)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "preds" / f"{Path(image).stem}.png").is_file()
+
+    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
+    for item in TINY_OVERRIDES:
+        args += ["--set", item]
+    again = run_s4mim(*args, "--force", "evaluate", env={"S4MIM_RUNS": str(runs)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "\ntrain      cached" in again.stdout and "\nevaluate   ran" in again.stdout
+    assert str(train) in json.loads((_stage(runs, "evaluate") / "result.json").read_text())["evaluated"]
+
+    for state in train.glob("*.pt"):  # a checkpoint that is nowhere any more: one line, and the fix
+        state.unlink()
+    gone = run_s4mim("predict", str(train), image, "--out", str(tmp_path / "none"), env={"S4MIM_RUNS": str(runs)})
+    assert gone.returncode == 2
+    assert "its checkpoint" in one_line_error(gone.stderr) and "is gone" in one_line_error(gone.stderr)
+    forced = run_s4mim(*args, "--force", "evaluate", env={"S4MIM_RUNS": str(runs)})
+    assert forced.returncode == 2 and "--force on the stage before evaluate" in one_line_error(forced.stderr)
 
 
 def test_images_of_any_mode_are_converted(trained, tmp_path):
