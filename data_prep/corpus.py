@@ -24,8 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from data_prep.datasets import ignore_interrupts
 from data_prep.shapes import ShapesSettings, _pool_context, _Scene
-from data_prep.workers import ignore_interrupts, interrupts_held
 
 SHAPES = ("disc", "ring", "square", "cross", "bar", "triangle", "half-disc", "ellipse")
 TEXTURES = ("plain", "stripes", "dots", "checker", "waves", "grid")
@@ -99,9 +99,7 @@ def render_corpus(start: int, count: int, side: int = 56, progress=None) -> tupl
     images, labels, done = [], [], 0
     with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1), mp_context=_pool_context(),
                              initializer=ignore_interrupts) as pool:  # fmt: skip
-        with interrupts_held():  # map submits every job, and the first submit starts the workers
-            parts = pool.map(_render_range, jobs)
-        for part_images, part_labels in parts:
+        for part_images, part_labels in pool.map(_render_range, jobs):
             images.append(part_images)
             labels.append(part_labels)
             done += len(part_labels)

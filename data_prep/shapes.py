@@ -32,8 +32,8 @@ from PIL import Image
 from torchvision.io import encode_jpeg
 
 from data_prep.atomic import atomic_path
+from data_prep.datasets import ignore_interrupts
 from data_prep.palette import voc_palette
-from data_prep.workers import ignore_interrupts, interrupts_held
 
 CLASSES = (
     "background",
@@ -269,9 +269,7 @@ def synthesize(root: Path, seed: int = 0, settings: ShapesSettings = ShapesSetti
         done = 0
         # Images are independent, so processes draw them side by side; each is a pure function of (seed, index).
         with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=ignore_interrupts) as pool:
-            with interrupts_held():  # map submits every job, and the first submit forks the workers
-                chunks = pool.map(_write_chunk, jobs)
-            for written in chunks:
+            for written in pool.map(_write_chunk, jobs):
                 done += written
                 if progress is not None:
                     progress(done, total)

@@ -8,8 +8,10 @@ pools that draw ``shapes``) leave it to the main process, which stops them. Two 
   (``logging`` releases its lock there), which swallow it: the run then goes on as if no key was pressed,
   or fails later with another error.
 
-So workers start with Ctrl-C held (:func:`interrupts_held`), and ignore it from their first step
-(:func:`ignore_interrupts`).
+So DataLoader workers start with Ctrl-C held (:func:`interrupts_held`), and every worker ignores it from
+its first step (:func:`ignore_interrupts`). The pools that draw ``shapes`` and the stand-in's corpus do
+not hold it yet: their code is in the shipped stand-in's fingerprint, and changing it means building and
+shipping the stand-in again.
 """
 
 from __future__ import annotations
