@@ -40,10 +40,10 @@ def relocated(checkpoint: str, folder: Path) -> str:
     holds ``folder`` (``<runs>/stages/<preset>/<stage>``), the longest tail first. URIs, paths that exist
     and paths not found again come back as they are.
     """
-    path = Path(checkpoint)
+    path, folder = Path(checkpoint), folder.resolve()
     if "://" in checkpoint or not path.is_absolute() or path.exists() or len(folder.parents) < 3:
         return checkpoint
-    runs = folder.resolve().parents[2]
+    runs = folder.parents[2]
     for start in range(1, len(path.parts) - 1):
         candidate = runs.joinpath(*path.parts[start:])
         if candidate.exists():
