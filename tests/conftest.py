@@ -26,6 +26,7 @@ TINY_OVERRIDES = [
     "mim.min_pixels=4",
     "warmup.epochs=1",
     "train.epochs=1",
+    "train.steps_per_epoch=4",  # the presets' 90 steps would make every tiny pipeline's train stage most of its time
     "eval.grid_images=2",
     "scaling.cpus_per_worker=1",
 ]

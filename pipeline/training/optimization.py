@@ -4,6 +4,8 @@ schedule, the loss scaler for fp16 and the EMA teacher. Plain torch only.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,6 +24,16 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+# BatchNorm's running statistics stay each rank's own between steps (rank 0's are saved). Newer torch
+# names that ``forward_sync_buffers`` and warns on the old ``broadcast_buffers``; unlike the old flag,
+# it still copies rank 0's buffers once at wrapping, where every rank holds the same ones anyway.
+_RANK_LOCAL_BUFFERS = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def for_device(
     model: nn.Module, device: torch.device, memory_format: torch.memory_format
 ) -> tuple[nn.Module, nn.Module]:
@@ -33,7 +45,7 @@ def for_device(
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device] if device.type == "cuda" else None
-    return model, DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return model, DistributedDataParallel(model, device_ids=ids, **_RANK_LOCAL_BUFFERS)
 
 
 def sgd(model: DeepLabV3Plus, config: Config, lr: float) -> torch.optim.SGD:

@@ -27,7 +27,9 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     from torchvision.io import decode_png, read_file
 
     docs = tmp_path / "docs"
-    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]  # --epochs sets it
+    tiny = [
+        o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))
+    ]  # --epochs and --steps set them
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
     code, out, err = run_main(capsys, *args)
@@ -114,7 +116,7 @@ def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     from tests.conftest import run_cli
 
     docs = tmp_path / "docs"
-    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))]
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--local", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--baselines",
             "--docs", str(docs)]  # fmt: skip
@@ -139,7 +141,7 @@ def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_
     """Without --local, the side-by-side runs join the Ray the quality command started and log to its MLflow."""
     from tests.conftest import run_cli
 
-    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.epochs=")]
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))]
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(tmp_path / "d")]
     proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)}, timeout=1200)
