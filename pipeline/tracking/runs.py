@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -25,6 +26,9 @@ from pipeline.orchestration.hashing import stage_hash
 from pipeline.paths import runs_dir, unwritable_reason
 
 ROOT = Path(__file__).resolve().parents[2]  # the project checkout, when installed editable or run from one
+# ``git archive`` writes the archived commit into this file (export-subst in .gitattributes); a checkout
+# holds the placeholder.
+ARCHIVE_COMMIT = Path(__file__).with_name("archive_commit.txt")
 
 KEY_TAG = "s4mim.key"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
@@ -73,12 +77,26 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _commit() -> tuple[str, str] | None:
+    """The full commit of this code and where it was read: ``git`` in a checkout, ``archive`` in a
+    ``git archive`` copy (which writes the commit into ARCHIVE_COMMIT); None when neither knows."""
+    head = _git("rev-parse", "HEAD")
+    if head:
+        return head, "git"
+    written = ARCHIVE_COMMIT.read_text().strip() if ARCHIVE_COMMIT.is_file() else ""
+    return (written, "archive") if re.fullmatch(r"[0-9a-f]{40}", written) else None
+
+
 def git_sha() -> str:
-    """The checkout's commit, short, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
-    commit = _git("rev-parse", "HEAD")
+    """The code's commit, short: with ``-dirty`` when a checkout's tracked files changed, ``-archive`` in a
+    ``git archive`` copy (whose edits nothing can see), ``unknown`` when neither tells."""
+    commit = _commit()
     if commit is None:
         return "unknown"
-    return commit[:12] + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    sha, source = commit
+    if source == "archive":
+        return f"{sha[:12]}-archive"
+    return sha[:12] + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def flat_params(config: Config) -> dict[str, str]:
@@ -229,9 +247,9 @@ def using_tracking_uri(uri: str):
 def source_tags() -> dict[str, str]:
     """The tags MLflow shows in its Source column: the s4mim command and, in a git checkout, the commit."""
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "s4mim"}
-    commit = _git("rev-parse", "HEAD")
+    commit = _commit()
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit[0]
     return tags
 
 
