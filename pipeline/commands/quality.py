@@ -290,10 +290,12 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
     data = f"`{base.data.dataset}`" + (
         f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
     )
+    what = "the baselines" if {cell.variant for cell in cells} <= set(BASELINES) else "the S4MIM ablation"
     lines = [
-        f"# Results: the S4MIM ablation on {data} at {base.data.split} labels",
+        f"# Results: {what} on {data} at {base.data.split} labels",
         "",
-        f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()}.",
+        f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()} "
+        "(stages found in the stage cache take none of it).",
         "",
         f"Every row trains the `{base.preset}` model for the same budget: {epochs} epochs of {steps} steps "
         f"(batch {base.data.batch_size} labeled + {base.data.batch_size} unlabeled images a step) from the same "
@@ -318,14 +320,17 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         lines.append(
             f"| *(warmup teacher, the starting point)* | {statistics.mean(values):.2f} ± {spread:.2f} | {per_seed} |"
         )
+    lines += _paired_table(cells, seeds)
     if any(cell.final for cell in cells):
         header = "| variant | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
         lines += ["", "The same runs after their last epoch (the table above scores each run's best epoch, which can "
                   "favour an early peak):", "", header, "|---|---:|" + "---:|" * len(seeds)]  # fmt: skip
         for cell in cells:
             per_seed = " | ".join(f"{cell.final[s]:.2f}" if s in cell.final else "-" for s in seeds)
-            mean = statistics.mean(cell.final.values()) if cell.final else float("nan")
-            lines.append(f"| {cell.variant} | {mean:.2f} ± {_std(cell.final.values()):.2f} | {per_seed} |")
+            spread = (
+                f"{statistics.mean(cell.final.values()):.2f} ± {_std(cell.final.values()):.2f}" if cell.final else "-"
+            )
+            lines.append(f"| {cell.variant} | {spread} | {per_seed} |")
     with_iou = [cell for cell in cells if cell.iou]
     if with_iou:
         classes = list(next(iter(with_iou[0].iou.values())))
@@ -340,6 +345,38 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
                   f"![learning curves]({chart.replace('.png', '-curves.png')})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """The (variant, reference) pairs the report differences seed by seed: unimatch against each supervised
+    protocol, and each S4MIM variant against unimatch."""
+    by_name = {cell.variant: cell for cell in cells}
+    unimatch = by_name.get("unimatch")
+    if unimatch is None:
+        return []
+    pairs = [(unimatch, by_name[name]) for name in BASELINES[:2] if name in by_name]
+    return pairs + [(cell, unimatch) for cell in cells if cell.variant not in BASELINES]
+
+
+def _paired_table(cells: list[Cell], seeds: list[int]) -> list[str]:
+    pairs = paired_differences(cells)
+    if not pairs:
+        return []
+    lines = ["", "Paired differences, seed by seed (the same seed shares its teacher, sampling and augmentation), "
+             "of the best checkpoints and, in the last column, after the last epoch:", "",
+             "| difference | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " | seeds above 0 | "
+             "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|"]  # fmt: skip
+    for cell, reference in pairs:
+        best = {s: cell.miou[s] - reference.miou[s] for s in seeds if s in cell.miou and s in reference.miou}
+        last = [cell.final[s] - reference.final[s] for s in seeds if s in cell.final and s in reference.final]
+        if not best:
+            continue
+        per_seed = " | ".join(f"{best[s]:+.2f}" if s in best else "-" for s in seeds)
+        above = sum(value > 0 for value in best.values())
+        tail = f"{statistics.mean(last):+.2f} ± {_std(last):.2f}" if last else "-"
+        lines.append(f"| {cell.variant} − {reference.variant} | {statistics.mean(best.values()):+.2f} ± "
+                     f"{_std(best.values()):.2f} | {per_seed} | {above} of {len(best)} | {tail} |")  # fmt: skip
+    return lines
 
 
 def _machine() -> str:

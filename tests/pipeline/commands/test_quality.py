@@ -10,6 +10,9 @@ from pipeline.commands.quality import VARIANTS, Cell, results_markdown
 from tests.conftest import TINY_OVERRIDES
 from tests.pipeline.cli_helpers import run_main
 
+# quality sets each run's budget itself (--epochs, --steps)
+TINY_WITHOUT_BUDGET = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))]
+
 
 def test_results_table_gives_mean_std_and_each_seed(tiny_config):
     iou = {0: {"background": 90.0, "disc": 10.0}, 1: {"background": 94.0, "disc": 20.0}}
@@ -21,15 +24,34 @@ def test_results_table_gives_mean_std_and_each_seed(tiny_config):
     assert "| class | unimatch |" in text and "| disc | 15.0 |" in text  # per-class IoU, mean over seeds
     assert "41.00 ± 1.41 | 40.00 | 42.00 |" in text  # the warmup teacher row
     assert "`s4mim quality`" in text and "`abc123`" in text and "3 epochs of 7 steps" in text
+    assert "the S4MIM ablation" in text
+
+
+def test_results_table_differences_each_seed_against_its_reference(tiny_config):
+    cells = [
+        Cell("supervised (step-matched)", {0: 60.0, 1: 61.0, 2: 62.0}, final={0: 58.0, 1: 59.0, 2: 60.0}),
+        Cell("supervised (epoch-matched)", {0: 63.0, 1: 62.0, 2: 66.0}),
+        Cell("unimatch", {0: 65.0, 1: 64.0, 2: 65.0}, final={0: 64.0, 1: 63.0, 2: 62.0}),
+    ]
+    text = results_markdown(tiny_config(), cells, [0, 1, 2], 40, 500, 60.0, "s4mim quality", "abc", {})
+    assert "# Results: the baselines on" in text
+    assert (
+        "| unimatch − supervised (step-matched) | +3.67 ± 1.15 | +5.00 | +3.00 | +3.00 | 3 of 3 | +4.00 ± 2.00 |"
+        in text
+    )
+    assert "| unimatch − supervised (epoch-matched) | +1.00 ± 1.73 | +2.00 | +2.00 | -1.00 | 2 of 3 | - |" in text
+    assert "| supervised (epoch-matched) | - | - | - | - |" in text  # no last-epoch figures: dashes, not nan
+
+    s4mim = Cell("s4mim (CMIM + FA + SMIM)", {0: 66.0, 2: 64.0})  # seed 1 still running
+    text = results_markdown(tiny_config(), [*cells, s4mim], [0, 1, 2], 40, 500, 60.0, "s4mim quality", "abc", {})
+    assert "| s4mim (CMIM + FA + SMIM) − unimatch | +0.00 ± 1.41 | +1.00 | - | -1.00 | 1 of 2 | - |" in text
 
 
 def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_path):
     from torchvision.io import decode_png, read_file
 
     docs = tmp_path / "docs"
-    tiny = [
-        o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))
-    ]  # --epochs and --steps set them
+    tiny = TINY_WITHOUT_BUDGET
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
     code, out, err = run_main(capsys, *args)
@@ -116,7 +138,7 @@ def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     from tests.conftest import run_cli
 
     docs = tmp_path / "docs"
-    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))]
+    tiny = TINY_WITHOUT_BUDGET
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--local", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--baselines",
             "--docs", str(docs)]  # fmt: skip
@@ -141,7 +163,7 @@ def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_
     """Without --local, the side-by-side runs join the Ray the quality command started and log to its MLflow."""
     from tests.conftest import run_cli
 
-    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))]
+    tiny = TINY_WITHOUT_BUDGET
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
     args = ["quality", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(tmp_path / "d")]
     proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)}, timeout=1200)
