@@ -33,6 +33,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_uri(path: str) -> bool:
+    """A storage location given as a URI (s3://, gs://, file://), read through pyarrow's filesystems;
+    anything else is a local path."""
+    return "://" in path
+
+
 def slug(name: str) -> str:
     """A preset name as a path component: ``voc-1/8`` -> ``voc-1_8``."""
     return name.replace("/", "_").replace(os.sep, "_").replace(" ", "_")

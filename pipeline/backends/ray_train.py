@@ -28,7 +28,7 @@ from pipeline.config.schema import Config
 from pipeline.console import event, prints_into, say
 from pipeline.errors import UsageError, find_user_error
 from pipeline.orchestration.hashing import stage_hash
-from pipeline.paths import ray_address, slug
+from pipeline.paths import is_uri, ray_address, slug
 
 STATE_FILE = "state.pt"
 STAGE_LOG = "stage.log"  # in the stage folder: Ray's and MLflow's own output while the stage ran
@@ -122,7 +122,7 @@ def storage_path(runs: Path) -> str:
 
 def remove_storage_tree(path: str) -> None:
     """Delete a folder of the Ray storage, a local path or a URI (s3://, gs://, file://); a missing one is fine."""
-    if "://" not in path:
+    if not is_uri(path):
         shutil.rmtree(path, ignore_errors=True)
         return
     import pyarrow.fs as pafs
@@ -135,7 +135,7 @@ def remove_storage_tree(path: str) -> None:
 def check_storage(path: str) -> None:
     """Fail fast when the Ray storage path cannot be written (local folder, NFS or s3://)."""
     try:
-        if "://" in path:
+        if is_uri(path):
             import pyarrow.fs as pafs
 
             fs, root = pafs.FileSystem.from_uri(path)
@@ -305,7 +305,7 @@ def _uploaded_after(run_dir: str, epoch: int) -> dict | None:
     import pyarrow.fs as pafs
     import torch
 
-    fs, base = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
+    fs, base = pafs.FileSystem.from_uri(run_dir) if is_uri(run_dir) else (pafs.LocalFileSystem(), run_dir)
     found = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         number = _epoch_of(info.path)
@@ -326,7 +326,7 @@ def _local_checkpoint(path: str | None):
 
     if path is None:
         return nullcontext(None)
-    if "://" not in path and Path(path).is_file():
+    if not is_uri(path) and Path(path).is_file():
         return nullcontext(Path(path))
 
     @contextmanager

@@ -32,7 +32,7 @@ from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.orchestration.hashing import stage_hash, stage_hash_parts
 from pipeline.orchestration.results import read_result
-from pipeline.paths import rank, slug, world_size
+from pipeline.paths import is_uri, rank, slug, world_size
 from pipeline.training.prepare import Prepared, check_unlabeled, peek_prepared, prepare_stage
 
 STAGES = ("prepare", "warmup", "train", "evaluate")
@@ -260,7 +260,7 @@ def run_claimed(backend: Backend, config: Config, prepared: Prepared, claim: Cla
     if claim.result is not None:
         say(f"[{claim.stage}] cached: {claim.folder}")
         return claim.result
-    if init_checkpoint and "://" not in init_checkpoint and not Path(init_checkpoint).exists():
+    if init_checkpoint and not is_uri(init_checkpoint) and not Path(init_checkpoint).exists():
         raise UsageError(
             f"the {claim.stage} stage starts from checkpoint {init_checkpoint}, which is gone and is not in the runs "
             f"folder either: run again with --force on the stage before {claim.stage}"

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from data_prep.atomic import atomic_path
+from pipeline.paths import is_uri
 
 
 def write_result(folder: Path, result: dict) -> None:
@@ -41,7 +42,7 @@ def relocated(checkpoint: str, folder: Path) -> str:
     and paths not found again come back as they are.
     """
     path, folder = Path(checkpoint), folder.resolve()
-    if "://" in checkpoint or not path.is_absolute() or path.exists() or len(folder.parents) < 3:
+    if is_uri(checkpoint) or not path.is_absolute() or path.exists() or len(folder.parents) < 3:
         return checkpoint
     runs = folder.parents[2]
     for start in range(1, len(path.parts) - 1):
