@@ -11,6 +11,7 @@ traceback). Rerunning an interrupted command resumes it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -630,7 +631,7 @@ def quality(
     )  # fmt: skip
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")
-    typer.echo(f"wrote {path} and its charts")
+    typer.echo(f"wrote {path}" + (" and its charts" if importlib.util.find_spec("matplotlib") else ""))
 
 
 @app.command()

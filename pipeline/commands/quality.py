@@ -18,6 +18,7 @@ the exact command, the git sha and the wall time, and docs/results.png a bar cha
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import statistics
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.atomic import atomic_path, write_text
-from pipeline.console import say
+from pipeline.console import say, warn
 
 VARIANTS = {
     # The bar: the supervised continuation of the same teacher for the same number of steps.
@@ -286,7 +287,7 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
 
 
 def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
-                     sha: str, warmup_miou: dict[int, float]) -> str:  # fmt: skip
+                     sha: str, warmup_miou: dict[int, float], charts: bool = True) -> str:  # fmt: skip
     data = f"`{base.data.dataset}`" + (
         f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
     )
@@ -339,6 +340,8 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
                   "|---|" + "---:|" * len(with_iou)]  # fmt: skip
         for name in classes:
             lines.append(f"| {name} | " + " | ".join(f"{cell.class_mean(name):.1f}" for cell in with_iou) + " |")
+    if not charts:
+        return "\n".join(lines) + "\n"
     chart = results_path(base, Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
     lines += ["", f"![val mIoU per variant]({chart})", ""]
     if any(cell.curve for cell in cells):
@@ -459,10 +462,15 @@ def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
 def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path, sha: str) -> Path:
     command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
     path = results_path(base, docs, len(cells) < len(VARIANTS))
-    bar_chart(cells, base.preset, path.with_suffix(".png"))
-    if any(cell.curve for cell in cells):
-        curves_chart(cells, base.preset, path.with_name(path.stem + "-curves.png"))
-    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou)
+    charts = importlib.util.find_spec("matplotlib") is not None  # a torch-only machine, such as a lent GPU one
+    if charts:
+        bar_chart(cells, base.preset, path.with_suffix(".png"))
+        if any(cell.curve for cell in cells):
+            curves_chart(cells, base.preset, path.with_name(path.stem + "-curves.png"))
+    else:
+        warn("matplotlib is not installed: the table is written without its charts (pip install matplotlib, "
+             "then run the same command again: every stage is cached)")  # fmt: skip
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, charts)
     write_text(path, text + kept_notes(path))
     return path
 

@@ -2,6 +2,7 @@
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,18 @@ def test_results_table_differences_each_seed_against_its_reference(tiny_config):
     s4mim = Cell("s4mim (CMIM + FA + SMIM)", {0: 66.0, 2: 64.0})  # seed 1 still running
     text = results_markdown(tiny_config(), [*cells, s4mim], [0, 1, 2], 40, 500, 60.0, "s4mim quality", "abc", {})
     assert "| s4mim (CMIM + FA + SMIM) − unimatch | +0.00 ± 1.41 | +1.00 | - | -1.00 | 1 of 2 | - |" in text
+
+
+def test_without_matplotlib_the_table_is_written_without_charts(tiny_config, tmp_path, monkeypatch, capsys):
+    from pipeline.commands.quality import write_results
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine with torch alone
+    cells = [Cell("unimatch", {0: 50.0}, curve={0: [{"step": 1, "val/miou": 50.0}]}), Cell("s4mim", {0: 49.0})]
+    path = write_results(tiny_config(), cells, [0], 1, 2, 1.0, {}, tmp_path, "abc")
+    text = path.read_text()
+    assert "| unimatch | 50.00 ± 0.00 | 50.00 |" in text and "![" not in text
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert "matplotlib is not installed" in capsys.readouterr().err
 
 
 def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_path):
