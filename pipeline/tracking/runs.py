@@ -78,13 +78,15 @@ def _git(*args: str) -> str | None:
 
 
 def _commit() -> tuple[str, str] | None:
-    """The full commit of this code and where it was read: ``git`` in a checkout, ``archive`` in a
-    ``git archive`` copy (which writes the commit into ARCHIVE_COMMIT); None when neither knows."""
-    head = _git("rev-parse", "HEAD")
-    if head:
-        return head, "git"
+    """The full commit of this code and where it was read: ``archive`` in a ``git archive`` copy (which
+    writes the commit into ARCHIVE_COMMIT; read first, so that a copy unpacked inside another checkout
+    does not report that one's HEAD), ``git`` in a checkout (whose ARCHIVE_COMMIT holds the placeholder);
+    None when neither knows."""
     written = ARCHIVE_COMMIT.read_text().strip() if ARCHIVE_COMMIT.is_file() else ""
-    return (written, "archive") if re.fullmatch(r"[0-9a-f]{40}", written) else None
+    if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", written):
+        return written, "archive"
+    head = _git("rev-parse", "HEAD")
+    return (head, "git") if head else None
 
 
 def git_sha() -> str:

@@ -27,16 +27,21 @@ def test_a_checkout_records_its_head():
 
 def test_a_git_archive_copy_records_the_commit_it_was_made_from(tmp_path):
     head = _head()
+    outer = tmp_path / "experiments"  # a checkout of its own, with a commit, that the copy is unpacked in
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=outer, check=True)  # fmt: skip
+    copy = outer / "tree"
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(tmp_path, filter="data")
+        tar.extractall(copy, filter="data")
     probe = (
         "import pipeline.tracking.runs as runs; "
         "print(runs.__file__); print(runs.git_sha()); print(runs.source_tags()['mlflow.source.git.commit'])"
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+    done = subprocess.run([sys.executable, "-c", probe], cwd=copy, env={"PYTHONPATH": str(copy)},
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     module, sha, commit = done.stdout.split()
-    assert module.startswith(str(tmp_path))  # the copy's code, outside any checkout
+    assert module.startswith(str(copy))  # the copy's code, not the checkout's
     assert sha == f"{head[:12]}-archive" and commit == head
