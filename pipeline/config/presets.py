@@ -78,8 +78,9 @@ def _shapes(split: str) -> dict:
 
 
 def _shapes48(split: str) -> dict:
-    """The cheap testbed: the shapes data at a fifth of shapes-1/8's step cost or less, so that runs can train
-    to convergence on a CPU (docs/shapes.md, "The cheap testbed"; docs/bench.md for the cost)."""
+    """The cheap testbed: the shapes data at about a quarter of shapes-1/8's UniMatch step cost (0.23x in
+    make bench), so that runs can train to convergence on a CPU (docs/shapes.md, "The cheap testbed";
+    docs/bench.md for the cost)."""
     return _merge(_shapes(split), {
         "data": {"crop": 48},
         "model": {"width": 16, "aspp_channels": 32, "decoder_channels": 32, "low_level_channels": 12},
