@@ -195,13 +195,18 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
 
 
-def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool):
+def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool, evaluates: bool = True):
     """The backend for this command, after checking everything it needs, before any training."""
     from model.backbones import check_init
     from pipeline.paths import require_writable
     from pipeline.training.standin import resolved_init
 
     check_init(config.model.backbone, resolved_init(config.model))
+    if evaluates and config.eval.grid_images and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(
+            f"matplotlib is not installed, and evaluate draws its picture grid (eval.grid_images="
+            f"{config.eval.grid_images}) with it; pip install matplotlib, or pass --set eval.grid_images=0"
+        )
     require_writable(runs)
     if local or _under_torchrun():
         from pipeline.backends.local import LocalBackend
@@ -235,7 +240,7 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
 
     config = _config(preset, overrides, data_root)
     runs = _runs()
-    backend = _backend(config, runs, ray_address, tracking, local)
+    backend = _backend(config, runs, ray_address, tracking, local, evaluates=stage == "evaluate")
     prepared = prepare_inputs(config, runs)
     if stage == "train":
         from pipeline.training.prepare import check_unlabeled

@@ -237,6 +237,24 @@ def test_a_split_with_no_unlabeled_images_fails_before_training(tiny_shapes, tmp
 # -- 6. smaller ones -----------------------------------------------------------------------------------
 
 
+def test_without_matplotlib_a_pipeline_stops_before_training_and_names_both_fixes(tiny_shapes, tmp_path):
+    hidden = tmp_path / "site"  # an install without matplotlib, such as one made with pip --no-deps
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    env = {"S4MIM_RUNS": str(tmp_path / "runs"), "PYTHONPATH": str(hidden)}
+    args = ["pipeline", "run", "shapes-1/8", "--local", *_tiny(tiny_shapes)]
+    done = run_s4mim(*args, env=env)
+    assert done.returncode == 2
+    line = one_line_error(done.stderr)
+    assert "matplotlib is not installed" in line and "--set eval.grid_images=0" in line
+    assert not (tmp_path / "runs" / "stages").exists()  # nothing trained
+    warmup = run_s4mim("warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes), env=env)  # draws no grid
+    assert warmup.returncode == 0, warmup.stderr[-2000:]
+    again = run_s4mim(*args, "--set", "eval.grid_images=0", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "\nevaluate   ran" in again.stdout and not list((tmp_path / "runs").rglob("grid.png"))
+
+
 def test_bad_sample_in_a_pipeline_names_a_fix_the_pipeline_has(tmp_path):
     root = custom_tree(tmp_path / "custom")
     (root / "masks" / "img002.png").write_bytes(b"not a png")
