@@ -93,7 +93,7 @@ class StepTerms:
         use_fp = self.uses("fp")
         with record_function("s4mim.weak_forward"):
             out = net(torch.cat([x, u_w]), perturb_from=n_l if use_fp else None)
-        logits_x, logits_w = out.logits[:n_l], out.logits[n_l:]
+        logits_x, logits_w = out.logits.split([n_l, u_w.shape[0]])  # split's backward is one cat, not two zero-fills
         teacher_w = _predict_eval(net, teacher, u_w) if teacher is not None else logits_w
         label_w, conf_w = pseudo_labels(teacher_w)
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.backbones import BackboneInitError, build_backbone
-from model.deeplab import DeepLabV3Plus
+from model.deeplab import DeepLabV3Plus, PaddedConv2d, StemMaxPool2d, resize_bilinear
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet18_slim", "resnet50"])
@@ -122,3 +123,64 @@ def test_slim_width_sets_every_stage_and_other_backbones_refuse_it():
     )
     with pytest.raises(ValueError, match="resnet18_slim only"):
         build_backbone("resnet18", width=16)
+
+
+RESIZES = [((12, 12), (48, 48)), ((3, 5), (12, 20)), ((1, 1), (4, 3)), ((9, 11), (36, 44)), ((20, 16), (7, 5)),
+           ((6, 6), (6, 6))]  # fmt: skip
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize(("size_in", "size_out"), RESIZES)
+def test_resize_bilinear_matches_the_library_kernel(size_in, size_out, align_corners):
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, *size_out, dtype=torch.float64)
+    ours = resize_bilinear(x, size_out, align_corners)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    theirs = F.interpolate(x, size=size_out, mode="bilinear", align_corners=align_corners)
+    (theirs_grad,) = torch.autograd.grad(theirs, x, grad)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("dilation", "size"), [(4, 3), (6, 3), (3, 3), (2, 3), (1, 1), (6, (2, 8)), (2, (3, 2))])
+def test_padded_conv_equals_the_dilated_convolution(dilation, size):
+    """Where the dilation reaches past the map, only the centre tap reads pixels: the 1x1 form is exact."""
+    h, w = (size, size) if isinstance(size, int) else size
+    conv = PaddedConv2d(4, 5, 3, padding=dilation, dilation=dilation, bias=False).double()
+    x = torch.randn(2, 4, h, w, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, h, w, dtype=torch.float64)
+    ours = conv(x)
+    ours_grads = torch.autograd.grad(ours, (x, conv.weight), grad)
+    theirs = F.conv2d(x, conv.weight, padding=dilation, dilation=dilation)
+    theirs_grads = torch.autograd.grad(theirs, (x, conv.weight), grad)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fast_paths_leave_the_step_unchanged(monkeypatch):
+    """The testbed's model (3x3 stride-16 maps): logits and every parameter's gradient equal those of the
+    library's resizing, dilated convolutions and max pooling."""
+
+    def run():
+        torch.manual_seed(0)
+        model = DeepLabV3Plus(9, "resnet18_slim", width=16, aspp_channels=32, decoder_channels=32,
+                              low_level_channels=12, dilations=(2, 4, 6)).double()  # fmt: skip
+        x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
+        out = model(x, perturb_from=2)
+        loss = out.logits.square().mean() + out.logits_fp.sin().mean()
+        loss.backward()
+        return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    fast_logits, fast_grads = run()
+    monkeypatch.setattr(PaddedConv2d, "forward", torch.nn.Conv2d.forward)
+    monkeypatch.setattr(StemMaxPool2d, "forward", torch.nn.MaxPool2d.forward)
+    monkeypatch.setattr(
+        "model.deeplab.resize_bilinear",
+        lambda x, size, align_corners: F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners),
+    )
+    slow_logits, slow_grads = run()
+    torch.testing.assert_close(fast_logits, slow_logits, rtol=0, atol=1e-10)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=0, atol=1e-10, msg=name)
