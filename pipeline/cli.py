@@ -11,7 +11,6 @@ traceback). Rerunning an interrupted command resumes it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -199,10 +198,11 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
     """The backend for this command, after checking everything it needs, before any training."""
     from model.backbones import check_init
     from pipeline.paths import require_writable
+    from pipeline.training.pictures import has_matplotlib
     from pipeline.training.standin import resolved_init
 
     check_init(config.model.backbone, resolved_init(config.model))
-    if evaluates and config.eval.grid_images and importlib.util.find_spec("matplotlib") is None:
+    if evaluates and config.eval.grid_images and not has_matplotlib():
         raise UsageError(
             f"matplotlib is not installed, and evaluate draws its picture grid (eval.grid_images="
             f"{config.eval.grid_images}) with it; pip install matplotlib, or pass --set eval.grid_images=0"
@@ -587,15 +587,19 @@ def quality(
         ),
     ] = 0,
     split: Annotated[
-        str, typer.Option(help="Labeled split: 1/16, 1/8, 1/4 or 1/2 (short regime); 1/32, 1/16 or 1/8 (testbed).")
-    ] = "1/8",
+        str | None,
+        typer.Option(
+            help="Labeled split: 1/32, 1/16 or 1/8 on the testbed (default 1/32); 1/16, 1/8, 1/4 or 1/2 in the "
+            "short regime (default 1/8)."
+        ),
+    ] = None,
     regime: Annotated[
         str,
         typer.Option(
-            help="short: the shapes-* presets (a few hundred train steps); testbed: the shapes48-* presets, cheap "
-            "enough to train every run to convergence (docs/shapes.md)."
+            help="testbed: the shapes48-* presets, cheap enough to train every run to convergence (20,000 steps; "
+            "docs/shapes.md); short: the shapes-* presets of the first tables (a few hundred steps)."
         ),
-    ] = "short",
+    ] = "testbed",
     baselines: Annotated[
         bool,
         typer.Option(
@@ -630,13 +634,13 @@ def quality(
     runs = _runs()
     base = _config(preset_for(split, regime), [*(set_ or []), f"data.synth_seed={synth_seed}"], data_root)
     backend = _backend(base, runs, ray_address, tracking_uri, local)
-    cells, path = run_command(
+    cells, path, charts = run_command(
         base, seeds, epochs, steps, runs, backend, jobs=jobs, local=local, ray_address=ray_address,
         tracking_uri=tracking_uri, baselines=baselines, docs=docs,
     )  # fmt: skip
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")
-    typer.echo(f"wrote {path}" + (" and its charts" if importlib.util.find_spec("matplotlib") else ""))
+    typer.echo(f"wrote {path}" + "".join(f", {chart.name}" for chart in charts))
 
 
 @app.command()

@@ -1,24 +1,30 @@
-"""``s4mim quality`` / ``make quality``: the S4MIM ablation at 1/8 labels on ``shapes``.
+"""``s4mim quality`` / ``make quality``: the S4MIM ablation on ``shapes``.
 
-    make quality                         # 7 variants x 3 seeds; hours on a 2-core CPU; resumable
+    make quality                         # 7 variants x 3 seeds on the testbed at 1/32 labels; resumable
     s4mim quality --seeds 0 --epochs 2   # a shorter look
-    s4mim quality --synth-seed 1         # on held-out data: shapes generated with seed 1
-    s4mim quality --regime testbed --baselines --split 1/16   # the testbed's baselines at 1/16 labels
+    s4mim quality --synth-seed 3         # on held-out data: shapes generated with seed 3
+    s4mim quality --baselines --split 1/16   # the baselines alone at 1/16 labels
+    s4mim quality --regime short         # the short regime (shapes-* presets) of the first tables
 
-Generator seed 0 is the development data on which every setting is chosen; seeds 1 and 2 generate
+Two regimes: ``testbed`` (the default), the ``shapes48-*`` presets trained to convergence, 20,000
+steps a run, at 1/32 labels unless ``--split`` says otherwise, the cell the screening chose
+(docs/shapes.md); and ``short``, the ``shapes-*`` presets at 1/8 labels, a few hundred steps a run,
+kept so that the tables made with it can be made again.
+
+Generator seed 0 is the development data on which every setting is chosen; other seeds generate
 held-out datasets of the same design, for confirming those choices. Each writes its own table:
-``results.md`` for seed 0, ``results-synth<N>.md`` for the others.
+``results-testbed-1_32.md`` for seed 0, ``results-testbed-1_32-synth<N>.md`` for the others
+(``results.md`` and ``results-synth<N>.md`` in the short regime).
 
 Every variant trains the same number of steps from the same warmup teacher of its seed (one fixed
 budget); only the loss terms differ. Each (variant, seed) is a normal pipeline run, so finished
 ones are cached and a rerun picks up where it stopped, and every run lands in one MLflow
-experiment. At the end docs/results.md gets a table of mean ± std val mIoU with per-seed values,
-the exact command, the git sha and the wall time, and docs/results.png a bar chart.
+experiment. At the end the table gives mean ± std val mIoU with per-seed values, the exact
+command, the git sha and the wall time, beside a bar chart and the learning curves.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import statistics
 import sys
@@ -42,21 +48,26 @@ VARIANTS = {
     "s4mim (CMIM + FA + SMIM)": {"variant": "s4mim"},
 }
 BASELINES = ("supervised (step-matched)", "supervised (epoch-matched)", "unimatch")
-# The regimes quality runs: the presets (by labeled split) of each.
+# The regimes quality runs: the presets (by labeled split) of each, and the split each runs by default. The
+# testbed's is the cell its screening chose: the largest UniMatch - step-matched supervised gap (docs/shapes.md).
 REGIMES = {"short": "shapes", "testbed": "shapes48"}
+DEFAULT_SPLITS = {"short": "1/8", "testbed": "1/32"}
+DEFAULT_REGIME = "testbed"
 EXPERIMENT = "s4mim-quality"
 # Keys each (variant, seed) run sets itself; --set may not change them.
 CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "train.match", "tracking.experiment",
               "mim.mode", "fa.weight", "smim.weight", "data.synth_seed"}  # fmt: skip
 
 
-def preset_for(split: str, regime: str = "short") -> str:
-    """The preset of a regime at a labeled split: shapes-1/8 (short), shapes48-1/8 (testbed)."""
+def preset_for(split: str | None = None, regime: str = DEFAULT_REGIME) -> str:
+    """The preset of a regime at a labeled split (the regime's default split if none): shapes-1/8 (short),
+    shapes48-1/32 (testbed)."""
     from pipeline.config.presets import FRACTIONS, TESTBED_FRACTIONS
     from pipeline.errors import UsageError
 
     if regime not in REGIMES:
         raise UsageError(f"--regime {regime}: choose one of {', '.join(REGIMES)}")
+    split = split or DEFAULT_SPLITS[regime]
     fractions = TESTBED_FRACTIONS if regime == "testbed" else FRACTIONS
     if split not in fractions:
         raise UsageError(f"--split {split}: the {regime} regime has {', '.join(fractions)}")
@@ -271,9 +282,9 @@ def runs_target(base, jobs: int, local: bool, ray_address: str | None, tracking_
 
 def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, backend, *, jobs: int,
                 local: bool, ray_address: str | None, tracking_uri: str | None, baselines: bool,
-                docs: Path) -> tuple[list[Cell], Path]:  # fmt: skip
+                docs: Path) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
     """``s4mim quality``: every cell trained at one budget (the preset's unless given), then the results
-    table and charts written into ``docs``. Returns the cells and the table's path."""
+    table and charts written into ``docs``. Returns the cells, the table's path and the charts'."""
     from pipeline.tracking.runs import git_sha
 
     epochs = epochs or base.train.epochs
@@ -283,7 +294,7 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
     variants = BASELINES if baselines else None
     cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target,
                                       variants=variants)  # fmt: skip
-    return cells, write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
+    return cells, *write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
 
 
 def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
@@ -459,20 +470,39 @@ def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
     return docs / f"{name}.md"
 
 
-def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path, sha: str) -> Path:
-    command = "s4mim " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["quality"] else "make quality"
+def reproducing_command(base, argv: list[str]) -> str:
+    """The command that makes a table again: the one typed (``make quality`` otherwise), with the regime and
+    the split spelled out, so that it still names the same runs after a default changes."""
+    args = argv[1:] if argv[:1] == ["quality"] else ["--jobs", "2"]
+    if not any(a == "--regime" or a.startswith("--regime=") for a in args):
+        regime = next((r for r, prefix in REGIMES.items() if base.preset.startswith(prefix + "-")), None)
+        args += ["--regime", regime] if regime else []
+    if not any(a == "--split" or a.startswith(("--split=", "data.split=")) for a in args):
+        args += ["--split", base.data.split]
+    return " ".join(["s4mim quality", *args])
+
+
+def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path,
+                  sha: str) -> tuple[Path, list[Path]]:  # fmt: skip
+    """Write the results table, and its bar chart and learning curves where matplotlib is installed.
+    Returns the table's path and the charts'."""
+    from pipeline.training.pictures import has_matplotlib
+
+    command = reproducing_command(base, sys.argv[1:])
     path = results_path(base, docs, len(cells) < len(VARIANTS))
-    charts = importlib.util.find_spec("matplotlib") is not None  # a torch-only machine, such as a lent GPU one
-    if charts:
-        bar_chart(cells, base.preset, path.with_suffix(".png"))
+    charts = []
+    if has_matplotlib():
+        charts.append(path.with_suffix(".png"))
+        bar_chart(cells, base.preset, charts[-1])
         if any(cell.curve for cell in cells):
-            curves_chart(cells, base.preset, path.with_name(path.stem + "-curves.png"))
+            charts.append(path.with_name(path.stem + "-curves.png"))
+            curves_chart(cells, base.preset, charts[-1])
     else:
         warn("matplotlib is not installed: the table is written without its charts (pip install matplotlib, "
              "then run the same command again: every stage is cached)")  # fmt: skip
-    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, charts)
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, bool(charts))
     write_text(path, text + kept_notes(path))
-    return path
+    return path, charts
 
 
 KEEP_MARKER = "<!-- s4mim quality keeps everything below this line -->"

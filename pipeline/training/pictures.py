@@ -12,6 +12,14 @@ COLUMNS = ("image", "ground truth", "prediction", "reconstruction")
 VOID = 255
 
 
+def has_matplotlib() -> bool:
+    """Whether matplotlib, which draws the picture grids and the quality charts, can be imported here: a
+    machine with torch alone (a lent GPU one, say) may lack it."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def colorize(label: torch.Tensor) -> torch.Tensor:
     """(H, W) class indices -> (3, H, W) palette colours in [0, 1]."""
     palette = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3) / 255

@@ -53,7 +53,8 @@ def test_without_matplotlib_the_table_is_written_without_charts(tiny_config, tmp
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine with torch alone
     cells = [Cell("unimatch", {0: 50.0}, curve={0: [{"step": 1, "val/miou": 50.0}]}), Cell("s4mim", {0: 49.0})]
-    path = write_results(tiny_config(), cells, [0], 1, 2, 1.0, {}, tmp_path, "abc")
+    path, charts = write_results(tiny_config(), cells, [0], 1, 2, 1.0, {}, tmp_path, "abc")
+    assert charts == []
     text = path.read_text()
     assert "| unimatch | 50.00 ± 0.00 | 50.00 |" in text and "![" not in text
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -66,9 +67,11 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     docs = tmp_path / "docs"
     tiny = TINY_WITHOUT_BUDGET
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
-    args = ["quality", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(docs), *sets]
+    args = ["quality", "--regime", "short", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2",
+            "--docs", str(docs), *sets]  # fmt: skip
     code, out, err = run_main(capsys, *args)
     assert code == 0, err
+    assert f"wrote {docs / 'results-1_4.md'}, results-1_4.png, results-1_4-curves.png" in out
     text = (docs / "results-1_4.md").read_text()  # the tiny settings label 1/4 of the images
     for name in VARIANTS:
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
@@ -99,7 +102,8 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     from pipeline.config.presets import load_preset
     from pipeline.errors import UsageError
 
-    assert preset_for("1/8") == "shapes-1/8" and preset_for("1/32", "testbed") == "shapes48-1/32"
+    assert preset_for("1/8", "short") == "shapes-1/8" and preset_for("1/16", "testbed") == "shapes48-1/16"
+    assert preset_for() == "shapes48-1/32" and preset_for(None, "short") == "shapes-1/8"  # each regime's default
     with pytest.raises(UsageError, match="the testbed regime has 1/32, 1/16, 1/8"):
         preset_for("1/2", "testbed")
     with pytest.raises(UsageError, match="choose one of short, testbed"):
@@ -159,11 +163,12 @@ def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     threads = max(1, (os.cpu_count() or 1) // 2)  # --jobs 2 splits the host's cores between the two runs
     assert f"{len(BASELINES)} runs to train, 2 side by side with {threads} thread(s) each" in proc.stdout
-    stages = runs / "stages" / "shapes-1_8"
+    stages = runs / "stages" / "shapes48-1_32"  # the default regime: the testbed at its split
     assert len(list(stages.glob("warmup-*"))) == 1 and len(list(stages.glob("train-*"))) == len(BASELINES)
     logs = sorted(p.name for p in (runs / "quality" / "logs").iterdir())
     assert len(logs) == len(BASELINES) + 1 and sum(name.startswith("warmup-") for name in logs) == 1
-    text = (docs / "results-baselines-1_4.md").read_text()
+    text = (docs / "results-testbed-baselines-1_4.md").read_text()
+    assert "s4mim quality --local --jobs 2" in text and text.count("--regime testbed") == 1 and "--split" not in text
     assert all(f"| {name} |" in text for name in BASELINES)
     assert not any(f"| {name} |" in text for name in VARIANTS if name not in BASELINES)
     # Everything is cached now: a rerun starts no process.
@@ -178,7 +183,8 @@ def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_
 
     tiny = TINY_WITHOUT_BUDGET
     sets = [arg for o in [*tiny, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
-    args = ["quality", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2", "--docs", str(tmp_path / "d")]
+    args = ["quality", "--regime", "short", "--jobs", "2", "--seeds", "0", "--epochs", "1", "--steps", "2",
+            "--docs", str(tmp_path / "d")]  # fmt: skip
     proc = run_cli(*args, *sets, env={"S4MIM_RUNS": str(runs)}, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     logs = list((runs / "quality" / "logs").glob("*.log"))
@@ -200,3 +206,23 @@ def test_a_rerun_of_a_pool_run_adds_to_its_log(tmp_path):
     text = log.read_text()
     assert text.count("== ") == 2 and text.count("s4mim presets") == 2
     assert text.count("shapes-1/8") == 2  # both listings, one after the other
+
+
+def test_a_table_names_the_command_that_makes_it_again():
+    """The regime and the split are spelled out, so that a table's command survives a change of defaults."""
+    from pipeline.commands.quality import reproducing_command
+    from pipeline.config.presets import load_preset
+
+    testbed, short = load_preset("shapes48-1/32"), load_preset("shapes-1/8")
+    assert reproducing_command(testbed, ["quality", "--jobs", "2"]) == (
+        "s4mim quality --jobs 2 --regime testbed --split 1/32"
+    )
+    assert reproducing_command(short, ["quality", "--regime=short", "--seeds", "0"]) == (
+        "s4mim quality --regime=short --seeds 0 --split 1/8"
+    )
+    assert reproducing_command(testbed, ["quality", "--split", "1/32", "--regime", "testbed"]) == (
+        "s4mim quality --split 1/32 --regime testbed"
+    )
+    assert reproducing_command(short, []) == "s4mim quality --jobs 2 --regime short --split 1/8"  # make quality
+    split_set = reproducing_command(short, ["quality", "--regime", "short", "--set", "data.split=1/4"])
+    assert split_set == "s4mim quality --regime short --set data.split=1/4"  # --set decides the split: no --split
