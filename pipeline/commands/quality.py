@@ -82,6 +82,7 @@ class Cell:
     final: dict[int, float] = field(default_factory=dict)  # seed -> val mIoU after the last epoch
     iou: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> per-class IoU of the best checkpoint
     curve: dict[int, list[dict]] = field(default_factory=dict)  # seed -> the train stage's val mIoU at each eval
+    history: dict[int, list[dict]] = field(default_factory=dict)  # seed -> the train stage's epoch diagnostics
 
     @property
     def mean(self) -> float:
@@ -240,6 +241,8 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
             cells[name].iou[seed] = per_class
         if train.result.get("curve"):
             cells[name].curve[seed] = train.result["curve"]
+        if train.result.get("history"):
+            cells[name].history[seed] = train.result["history"]
         cells[name].seconds[seed] = time.perf_counter() - t0
         say(f"   val mIoU {evaluate.miou:.2f}")
     return list(cells.values()), warmup, time.perf_counter() - started
@@ -351,6 +354,7 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
                   "|---|" + "---:|" * len(with_iou)]  # fmt: skip
         for name in classes:
             lines.append(f"| {name} | " + " | ".join(f"{cell.class_mean(name):.1f}" for cell in with_iou) + " |")
+    lines += _diagnostics_table(cells)
     if not charts:
         return "\n".join(lines) + "\n"
     chart = results_path(base, Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
@@ -359,6 +363,43 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
                   f"![learning curves]({chart.replace('.png', '-curves.png')})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def last_quarter_diagnostics(history: list[dict]) -> dict[str, float]:
+    """The mean of each diagnostic over the epochs of the last quarter of training (at least the last one)."""
+    tail = history[-max(1, len(history) // 4) :]
+    keys = sorted({key for epoch in tail for key in epoch if key.startswith("train/")})
+    return {
+        key: statistics.mean(epoch[key] for epoch in tail if key in epoch)
+        for key in keys
+    }  # fmt: skip
+
+
+def _diagnostics_table(cells: list[Cell]) -> list[str]:
+    """Mask ratio, pseudo-label accuracy and each term's weighted gradient norm on the encoder, over the last
+    quarter of training, mean over seeds: for the variants that log them (not the supervised ones)."""
+    rows = {}
+    for cell in cells:
+        per_seed = [last_quarter_diagnostics(history) for history in cell.history.values() if history]
+        keys = sorted({key for seed in per_seed for key in seed})
+        if "train/mask_ratio" in keys:
+            rows[cell.variant] = {key: statistics.mean(seed[key] for seed in per_seed if key in seed) for key in keys}
+    if not rows:
+        return []
+    keys = sorted({key for row in rows.values() for key in row}, key=_diagnostic_order)
+    names = [key.removeprefix("train/") for key in keys]
+    lines = ["", "Diagnostics over the last quarter of training, mean over seeds: the share of unlabeled pixels above "
+             "the confidence threshold, how often the pseudo labels are right (all pixels, confident ones), and "
+             "each loss term's weighted gradient norm on the encoder:", "",
+             "| variant | " + " | ".join(names) + " |", "|---|" + "---:|" * len(keys)]  # fmt: skip
+    for variant, row in rows.items():
+        lines.append(f"| {variant} | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys) + " |")
+    return lines
+
+
+def _diagnostic_order(key: str) -> tuple[int, str]:
+    first = ("train/mask_ratio", "train/pseudo_acc", "train/pseudo_acc_confident", "train/grad_norm/total")
+    return (first.index(key), "") if key in first else (len(first), key)
 
 
 def paired_differences(cells: list[Cell]) -> list[tuple[Cell, Cell]]:

@@ -126,6 +126,7 @@ class Engine:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "last_grad_norm": self._last_grad_norm,  # a resumed run measures gradient norms where a straight one would
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -135,6 +136,7 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        self._last_grad_norm = state.get("last_grad_norm", self._last_grad_norm)
 
     # -- training ------------------------------------------------------------------------------
 

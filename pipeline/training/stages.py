@@ -218,13 +218,13 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         variant=variant, total_steps=schedule.epochs * data.steps, lr=schedule.lr,
     )  # fmt: skip
     torch.manual_seed(config.seed + 7919 * ctx.rank)  # ranks draw their own masks and dropout
-    start_epoch, best_miou, last, curve = 0, -1.0, {}, []
+    start_epoch, best_miou, last, curve, history = 0, -1.0, {}, [], []
     state = ctx.restore()
     if state is not None:
         engine.load_state_dict(state["engine"])
         set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         start_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
-        last, curve = state.get("metrics", {}), state.get("curve", [])
+        last, curve, history = state.get("metrics", {}), state.get("curve", []), state.get("history", [])
 
     epoch_seconds = []
     for epoch in range(start_epoch, schedule.epochs):
@@ -235,6 +235,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         batches = counted(data.batches(), data.steps, steps)
         metrics = engine.train_epoch(batches, data.steps, on_log=steps.log, grad_norm_every=grad_norm_every)
         metrics["epoch"] = epoch + 1
+        history = [*history, epoch_diagnostics(metrics, steps.grad_norms, epoch + 1, engine.step)]
         is_best = False
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
             val = counted(data.val, len(data.val), partial(ctx.progress, f"[{stage}] val batches"))
@@ -251,6 +252,7 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
             "best_miou": best_miou,
             "metrics": metrics,
             "curve": curve,
+            "history": history,
             "stage": stage,
             "variant": variant,
             "config": config.model_dump(mode="json"),
@@ -269,10 +271,24 @@ def fit(config: Config, stage: str, inputs: StageInputs, ctx: StageContext) -> d
         "epochs": schedule.epochs,
         "steps_per_epoch": data.steps,
         "curve": curve,  # val mIoU at each evaluation, with the step it came after
+        "history": history,  # each epoch's diagnostics (epoch_diagnostics)
         "epoch_seconds": epoch_seconds,
         "seconds": time.perf_counter() - started,
         "parameters": gather(parameter_digest(engine.model)),  # one per rank: DDP keeps them equal
     }
+
+
+DIAGNOSTICS = ("train/mask_ratio", "train/pseudo_acc", "train/pseudo_acc_confident")
+
+
+def epoch_diagnostics(metrics: dict, grad_norms: dict[str, list[float]], epoch: int, step: int) -> dict:
+    """What one epoch says about how training went: the epoch means of the pseudo-label diagnostics and
+    the mean of each ``train/grad_norm/<term>`` the epoch measured (the stage result keeps one per epoch,
+    so that a report needs no tracking server to read them)."""
+    out = {"epoch": epoch, "step": step}
+    out |= {key: metrics[key] for key in DIAGNOSTICS if key in metrics}
+    out |= {key: sum(values) / len(values) for key, values in sorted(grad_norms.items()) if values}
+    return out
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -285,13 +301,18 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 
 class EpochProgress:
-    """An epoch's steps for ``ctx.progress``, with the running loss ``ctx.log`` was last given."""
+    """An epoch's steps for ``ctx.progress``, with the running loss ``ctx.log`` was last given; it also
+    keeps the epoch's gradient-norm measurements (``grad_norms``)."""
 
     def __init__(self, ctx: StageContext, label: str):
         self.ctx, self.label, self.loss = ctx, label, None
+        self.grad_norms: dict[str, list[float]] = {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.loss = metrics.get("train/loss", self.loss)
+        for key, value in metrics.items():
+            if key.startswith("train/grad_norm/"):
+                self.grad_norms.setdefault(key, []).append(value)
         self.ctx.log(metrics, step)
 
     def __call__(self, done: int, total: int) -> None:

@@ -28,6 +28,25 @@ def test_results_table_gives_mean_std_and_each_seed(tiny_config):
     assert "the S4MIM ablation" in text
 
 
+def test_results_table_gives_the_last_quarter_diagnostics(tiny_config):
+    def epoch(i, ratio, norm):
+        return {"epoch": i, "step": 10 * i, "train/mask_ratio": ratio, "train/pseudo_acc": 0.8,
+                "train/grad_norm/x": norm, "train/grad_norm/s1": 0.1}  # fmt: skip
+
+    # 8 epochs: the last quarter is epochs 7 and 8
+    history = [epoch(i, 0.1 * i, 1.0) for i in range(1, 7)] + [epoch(7, 0.7, 0.3), epoch(8, 0.8, 0.5)]
+    other_seed = [epoch(i, 0.5, 0.6) for i in range(1, 9)]
+    cells = [
+        Cell("supervised (step-matched)", {0: 60.0}, history={0: [{"epoch": 1, "step": 10}]}),
+        Cell("unimatch", {0: 65.0, 1: 64.0}, history={0: history, 1: other_seed}),
+    ]
+    text = results_markdown(tiny_config(), cells, [0, 1], 8, 10, 60.0, "s4mim quality", "abc", {})
+    assert "| variant | mask_ratio | pseudo_acc | grad_norm/s1 | grad_norm/x |" in text
+    # mask_ratio: seed 0's last quarter 0.75, seed 1's 0.5; grad_norm/x 0.4 and 0.6
+    assert "| unimatch | 0.625 | 0.800 | 0.100 | 0.500 |" in text
+    assert "| supervised (step-matched) | 0" not in text  # no diagnostics: no row
+
+
 def test_results_table_differences_each_seed_against_its_reference(tiny_config):
     cells = [
         Cell("supervised (step-matched)", {0: 60.0, 1: 61.0, 2: 62.0}, final={0: 58.0, 1: 59.0, 2: 60.0}),
@@ -78,6 +97,7 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
         assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
     assert "1 epochs of 2 steps" in text and "warmup teacher" in text
     assert "after their last epoch" in text and "| background |" in text
+    assert re.search(r"\| unimatch \| \d\.\d{3} \| \d\.\d{3} \|", text)  # its diagnostics, from the stage result
     # A rewrite of the table keeps the notes written below the marker, and only those.
     from pipeline.commands.quality import KEEP_MARKER
 

@@ -51,6 +51,12 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_config, runs, tmp_pa
         assert torch.equal(tensor, b["engine"]["model"][name]), name
     assert resumed["metrics"]["val/miou"] == straight["metrics"]["val/miou"]
     assert resumed["curve"] == straight["curve"] and len(straight["curve"]) == 2  # the resumed run keeps epoch 1's
+    assert resumed["history"] == straight["history"] and [h["epoch"] for h in straight["history"]] == [1, 2]
+    # Each epoch's diagnostics: the pseudo labels' and each term's gradient norm on the encoder (measured
+    # once an epoch here: grad_norm_every is 1 in the tiny config, or the last step's window otherwise).
+    first = straight["history"][0]
+    assert {"train/mask_ratio", "train/pseudo_acc", "train/grad_norm/x", "train/grad_norm/s1"} <= set(first)
+    assert 0 <= first["train/mask_ratio"] <= 1 and first["train/grad_norm/x"] > 0
 
 
 def test_pipeline_run_then_cached_then_forced(capsys, tiny_config, runs, tiny_shapes):
