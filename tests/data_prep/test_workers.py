@@ -52,14 +52,19 @@ def test_ctrl_c_in_a_worker_before_its_first_step_leaves_it_working():
 
 
 def test_a_held_interrupt_is_raised_when_the_block_ends_and_not_before():
+    # Python's own handler, whatever this test run inherited (a background job of a script ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     reached = False
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # a signal is handled between bytecodes: unheld, it would be raised here
-            reached = True
-    assert reached
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # a signal is handled between bytecodes: unheld, it would be raised here
+                reached = True
+        assert reached
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_ignored_interrupt_stays_ignored():
