@@ -317,10 +317,18 @@ def run_bench(device: str, steps: int, warmup: int, out: Path, *, compile_model:
             rows["s4mim_decoder_head"]["median_s"] / rows["unimatch"]["median_s"]
         )
         report["unimatch_over_supervised"] = rows["unimatch"]["median_s"] / rows["supervised"]["median_s"]
-        say(f"  {TESTBED}: supervised and unimatch steps, 2 runs side by side at 1 thread ...")
+        # The lanes cannot run in the interleaved rounds, so the shapes-1/8 unimatch step is timed again right
+        # before and right after them, alone: the ratio is against the mean of the two, and their spread shows
+        # how far the machine's speed moved meanwhile.
+        say(f"  {TESTBED}: supervised and unimatch steps, 2 runs side by side at 1 thread, between two timings "
+            "of the shapes-1/8 unimatch step ...")  # fmt: skip
+        reference = (*specs["unimatch"], batches, classes, dev, steps, warmup)
+        before = time_row(*reference)["median_s"]
         report["testbed"] = testbed_rows(runs, steps, warmup, overrides=TINY if tiny else None)
+        after = time_row(*reference)["median_s"]
+        report["testbed_reference_s"] = {"before": before, "after": after}
         testbed = report["testbed"][f"{TESTBED} unimatch, 2 lanes of 1 thread"]
-        report["testbed_unimatch_over_unimatch"] = testbed["effective_s"] / rows["unimatch"]["median_s"]
+        report["testbed_unimatch_over_unimatch"] = testbed["effective_s"] / ((before + after) / 2)
         say("  profile of the s4mim step ...")
         report["s4mim_phases_ms"] = profile_phases(apply_overrides(config, MEASURED), batches, classes, dev)
         if with_ray:
@@ -353,6 +361,9 @@ def print_report(report: dict) -> None:
         say(
             f"{name:<40} {row['median_s'] * 1000:>10.1f} {row['img_per_s']:>8.1f}  ({machine_ms:.1f} ms of the machine)"
         )
+    if "testbed_reference_s" in report:
+        before, after = (report["testbed_reference_s"][k] * 1000 for k in ("before", "after"))
+        say(f"shapes-1/8 unimatch alone, before and after the lanes: {before:.1f} and {after:.1f} ms")
     if "s4mim_phases_ms" in report:
         say("s4mim step, ms per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in report["s4mim_phases_ms"].items()))
     ratios = ("s4mim_over_unimatch", "s4mim_decoder_head_over_unimatch", "unimatch_over_supervised",

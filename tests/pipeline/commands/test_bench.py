@@ -38,7 +38,9 @@ def test_bench_smoke_prints_json_last_and_writes_results(capsys, runs, tiny_shap
         "shapes48-1/8 unimatch, 2 lanes of 1 thread",
     }
     assert all(row["effective_s"] == row["median_s"] / 2 > 0 for row in testbed.values())
-    assert report["testbed_unimatch_over_unimatch"] > 0
+    reference = report["testbed_reference_s"]  # the shapes-1/8 unimatch step alone, before and after the lanes
+    lane = testbed["shapes48-1/8 unimatch, 2 lanes of 1 thread"]["effective_s"]
+    assert report["testbed_unimatch_over_unimatch"] == lane / ((reference["before"] + reference["after"]) / 2)
     assert report["peak_rss_gb"] > 0 and report["git_sha"] and report["machine"]["cpus"]
     assert json.loads(out.read_text())["cpu"] == report
 
