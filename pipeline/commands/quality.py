@@ -161,33 +161,69 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
         _run_pool(batch, jobs, target, env)
 
 
-def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: list[str], env: dict) -> None:
-    """Run ``s4mim`` commands ``jobs`` at a time; stop starting new ones after a failure and raise it."""
+EPOCH_LINE = re.compile(r"^\[(\w+)\] epoch (\d+)/(\d+)\s.*?(?:miou ([\d.]+))?\s+\(\d+ s\)$")
+
+
+class EpochFollower:
+    """Follows a run's log as it grows, for the epochs it finishes: one line a finished epoch, with the
+    val mIoU where the epoch was evaluated and, from the second epoch this process saw, the time left."""
+
+    def __init__(self, label: str, log: Path):
+        self.label, self.log = label, log
+        self.offset = log.stat().st_size if log.is_file() else 0  # what earlier attempts wrote is not news
+        self.started, self.first = time.perf_counter(), None  # first: (epoch, time) of the first epoch seen
+
+    def news(self) -> list[str]:
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(complete)
+        out = []
+        for line in complete.decode(errors="replace").splitlines():
+            match = EPOCH_LINE.match(line.strip("\r"))
+            if match is None:
+                continue
+            stage, epoch, total, miou = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = (epoch, now)
+            text = f"   {self.label}: {stage} epoch {epoch}/{total}" + (f", val mIoU {miou}" if miou else "")
+            done, since = epoch - self.first[0], now - self.first[1]
+            if done > 0 and epoch < total:
+                text += f" (about {since / done * (total - epoch) / 60:.0f} min left)"
+            out.append(text)
+        return out
+
+
+def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: list[str], env: dict,
+              program: list[str] | None = None) -> None:  # fmt: skip
+    """Run ``s4mim`` commands (``program``: ``python -m pipeline``) ``jobs`` at a time, saying when each starts,
+    finishes each epoch and ends; stop starting new ones after a failure and raise it."""
     import subprocess
 
     from pipeline.errors import UsageError
 
+    program = program or [sys.executable, "-m", "pipeline"]
     pending, running, failed = list(commands), [], []
     try:
         while pending or running:
             while pending and len(running) < jobs and not failed:
                 label, args, log = pending.pop(0)
                 say(f"   started: {label}")
+                follower = EpochFollower(label, log)
                 with open(log, "a") as out:  # a resumed run's log keeps what the interrupted one wrote
                     out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: s4mim {' '.join(args)}\n")
                     out.flush()
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "pipeline", *args, *target],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                running.append((label, log, proc, time.perf_counter()))
+                    proc = subprocess.Popen([*program, *args, *target], stdout=out, stderr=subprocess.STDOUT, env=env)
+                running.append((label, log, proc, time.perf_counter(), follower))
             if failed and not running:
                 break
             time.sleep(2)
             for item in list(running):
-                label, log, proc, t0 = item
+                label, log, proc, t0, follower = item
+                for line in follower.news():
+                    say(line)
                 if proc.poll() is None:
                     continue
                 running.remove(item)
@@ -196,7 +232,7 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
                 else:
                     failed.append((label, log, proc.returncode))
     except KeyboardInterrupt:
-        for _, _, proc, _ in running:  # they got the Ctrl-C too; give them time to stop cleanly
+        for _, _, proc, _, _ in running:  # they got the Ctrl-C too; give them time to stop cleanly
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

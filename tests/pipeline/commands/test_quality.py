@@ -246,3 +246,25 @@ def test_a_table_names_the_command_that_makes_it_again():
     assert reproducing_command(short, []) == "s4mim quality --jobs 2 --regime short --split 1/8"  # make quality
     split_set = reproducing_command(short, ["quality", "--regime", "short", "--set", "data.split=1/4"])
     assert split_set == "s4mim quality --regime short --set data.split=1/4"  # --set decides the split: no --split
+
+
+def test_the_pool_says_each_epoch_a_run_finishes(tmp_path, capsys):
+    """A day-long quality run says how each run is getting on: one line per finished epoch, with its val mIoU
+    and the time left, read from the run's log as it grows (what an earlier attempt wrote is not repeated)."""
+    from pipeline.commands.quality import _run_pool
+
+    script = tmp_path / "fake_run.py"
+    script.write_text(
+        "import sys, time\n"
+        "for epoch in (3, 4, 5):\n"
+        "    print(f'  [train] epoch {epoch}/6: 10/10  loss 0.5  (1 s)', flush=True)\n"
+        "    print(f'[train] epoch {epoch}/6  loss 0.5  miou {40 + epoch}.0  (9 s)', flush=True)\n"
+        "    time.sleep(2.5)\n"
+    )
+    log = tmp_path / "run.log"
+    log.write_text("[train] epoch 2/6  loss 0.6  miou 41.0  (9 s)\n")  # a first attempt, stopped after epoch 2
+    _run_pool([("unimatch, seed 0", [str(script)], log)], 1, [], dict(os.environ), program=[sys.executable])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "epoch" in line]
+    assert lines[0] == "unimatch, seed 0: train epoch 3/6, val mIoU 43.0", lines
+    assert re.fullmatch(r"unimatch, seed 0: train epoch 4/6, val mIoU 44\.0 \(about \d+ min left\)", lines[1])
+    assert len(lines) == 3 and lines[2].startswith("unimatch, seed 0: train epoch 5/6, val mIoU 45.0")
