@@ -65,15 +65,20 @@ class StemMaxPool2d(nn.MaxPool2d):
     """The encoder stem's max pooling, run over a channels-last copy of the map on a CPU.
 
     torch's CPU kernel for a contiguous (NCHW) map takes about five times as long, forward and backward,
-    as the channels-last one with the two layout copies included (the testbed's 16 x 24 x 24 stem maps).
+    as the channels-last one with the layout copies included (the testbed's 16 x 24 x 24 stem maps). The
+    gradient is copied back to the input's layout too: a channels-last gradient reaching the stem's ReLU
+    and convolution would cost them more than the pooling saves.
     The maxima are the same; where a window ties, its maximum is 0 after the stem's ReLU, whose
     backward stops the gradient at 0 whichever tied pixel receives it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
-            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return super().forward(x)
+        if not (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()):
+            return super().forward(x)
+        copy = x.contiguous(memory_format=torch.channels_last)
+        if copy.requires_grad:  # the gradient leaves in the input's layout, or the stem's backward slows down
+            copy.register_hook(lambda grad: grad.contiguous())
+        return super().forward(copy).contiguous()
 
 
 @lru_cache(maxsize=64)
