@@ -202,33 +202,78 @@ def time_rows_interleaved(rows: dict[str, tuple[Config, str]], batches: list, cl
 TESTBED = "shapes48-1/8"
 
 
-def _time_alone(config: Config, variant: str, runs: Path, steps: int, warmup: int, threads: int) -> float:
-    """Median step time of one row in this process at ``threads`` threads (a side-by-side lane)."""
-    torch.set_num_threads(threads)
+_LANE: dict = {}  # a lane process's engine and batches (_start_lane)
+
+
+def _start_lane(config: Config, variant: str, runs: Path, barrier) -> None:
+    """A side-by-side lane: one thread, its own engine on the preset's real batches."""
+    torch.set_num_threads(1)
     batches, classes = dataset_batches(config, runs, 4)
-    return time_row(config, variant, batches, classes, torch.device("cpu"), steps, warmup)["median_s"]
+    torch.manual_seed(0)
+    engine = Engine(build_model(config, classes), config, classes, torch.device("cpu"), variant=variant,
+                    total_steps=10_000)  # fmt: skip
+    _LANE.update(engine=engine, batches=batches, variant=variant, done=0, barrier=barrier)
 
 
-def testbed_rows(runs: Path, steps: int, warmup: int, lanes: int = 2, overrides: dict | None = None) -> dict:
+def _lane_block(steps: int) -> list[float]:
+    """Time ``steps`` steps in this lane, starting when every lane is ready (so that no lane runs two blocks)."""
+    _LANE["barrier"].wait()
+    return _timed_steps(_LANE, steps)
+
+
+def _timed_steps(state: dict, steps: int) -> list[float]:
+    engine, batches, times = state["engine"], state["batches"], []
+    for _ in range(steps):
+        labeled, unlabeled, partner = batches[state["done"] % len(batches)]
+        state["done"] += 1
+        started = time.perf_counter()
+        if state["variant"] == "supervised":
+            engine.train_step(labeled)
+        else:
+            engine.train_step(labeled, unlabeled, partner)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def testbed_rows(runs: Path, steps: int, warmup: int, reference: tuple, lanes: int = 2, blocks: int = 4,
+                 overrides: dict | None = None) -> dict:  # fmt: skip
     """The cheap testbed's steps as its runs train: one thread each, ``lanes`` processes side by side.
 
-    Each lane times the same row at the same moment as the others, so the median holds the slowdown
-    they cause each other; ``effective_s`` is the machine's time per step, the median over the lanes.
+    The lanes step at the same moment, so their median holds the slowdown they cause each other;
+    ``effective_s`` is the machine's time per step, the lanes' median divided by their number. The lanes
+    cannot share the interleaved rounds of the other rows, and a shared machine's speed moves by a
+    quarter within minutes, so ``blocks`` blocks of lane steps alternate with blocks of the ``reference``
+    row's steps in this process ((config, variant, batches, classes), at this process's threads), and
+    ``reference_s`` is that row's median over the same minutes.
     """
     import multiprocessing
 
+    config, variant, batches, classes = reference
+    torch.manual_seed(0)
+    ref = {"engine": Engine(build_model(config, classes), config, classes, torch.device("cpu"), variant=variant,
+                            total_steps=10_000), "batches": batches, "variant": variant, "done": 0}  # fmt: skip
+    per_block = max(1, steps // blocks)
     out = {}
-    for variant in ("supervised", "unimatch"):
+    context = multiprocessing.get_context("spawn")
+    for lane_variant in ("supervised", "unimatch"):
         # loader_workers 0: a pool's processes may not start their own, and the timed steps read batches in memory
-        extra = {**MEASURED, **(overrides or {}), "variant": variant, "data.loader_workers": 0}
-        config = apply_overrides(load_preset(TESTBED), extra)
-        dataset_batches(config, runs, 1)  # prepare the data once, before the lanes read it
-        with multiprocessing.get_context("spawn").Pool(lanes) as pool:
-            medians = pool.starmap(_time_alone, [(config, variant, runs, steps, warmup, 1)] * lanes)
-        lane = statistics.median(medians)
-        images = config.data.batch_size * (1 if variant == "supervised" else 2)
-        out[f"{TESTBED} {variant}, {lanes} lanes of 1 thread"] = {
-            "median_s": lane, "effective_s": lane / lanes, "img_per_s": images * lanes / lane, "steps": steps,
+        extra = {**MEASURED, **(overrides or {}), "variant": lane_variant, "data.loader_workers": 0}
+        lane_config = apply_overrides(load_preset(TESTBED), extra)
+        dataset_batches(lane_config, runs, 1)  # prepare the data once, before the lanes read it
+        barrier = context.Barrier(lanes)
+        with context.Pool(lanes, initializer=_start_lane, initargs=(lane_config, lane_variant, runs, barrier)) as pool:
+            pool.map(_lane_block, [warmup] * lanes, chunksize=1)
+            _timed_steps(ref, warmup)
+            lane_times, ref_times = [], []
+            for _ in range(blocks):
+                ref_times += _timed_steps(ref, per_block)
+                for times in pool.map(_lane_block, [per_block] * lanes, chunksize=1):
+                    lane_times += times
+        lane = statistics.median(lane_times)
+        images = lane_config.data.batch_size * (1 if lane_variant == "supervised" else 2)
+        out[f"{TESTBED} {lane_variant}, {lanes} lanes of 1 thread"] = {
+            "median_s": lane, "effective_s": lane / lanes, "img_per_s": images * lanes / lane,
+            "steps": blocks * per_block, "reference_s": statistics.median(ref_times),
         }  # fmt: skip
     return out
 
@@ -317,18 +362,12 @@ def run_bench(device: str, steps: int, warmup: int, out: Path, *, compile_model:
             rows["s4mim_decoder_head"]["median_s"] / rows["unimatch"]["median_s"]
         )
         report["unimatch_over_supervised"] = rows["unimatch"]["median_s"] / rows["supervised"]["median_s"]
-        # The lanes cannot run in the interleaved rounds, so the shapes-1/8 unimatch step is timed again right
-        # before and right after them, alone: the ratio is against the mean of the two, and their spread shows
-        # how far the machine's speed moved meanwhile.
-        say(f"  {TESTBED}: supervised and unimatch steps, 2 runs side by side at 1 thread, between two timings "
-            "of the shapes-1/8 unimatch step ...")  # fmt: skip
-        reference = (*specs["unimatch"], batches, classes, dev, steps, warmup)
-        before = time_row(*reference)["median_s"]
-        report["testbed"] = testbed_rows(runs, steps, warmup, overrides=TINY if tiny else None)
-        after = time_row(*reference)["median_s"]
-        report["testbed_reference_s"] = {"before": before, "after": after}
+        say(f"  {TESTBED}: supervised and unimatch steps, 2 runs side by side at 1 thread, in blocks that "
+            "alternate with blocks of the shapes-1/8 unimatch step ...")  # fmt: skip
+        reference = (*specs["unimatch"], batches, classes)
+        report["testbed"] = testbed_rows(runs, steps, warmup, reference, overrides=TINY if tiny else None)
         testbed = report["testbed"][f"{TESTBED} unimatch, 2 lanes of 1 thread"]
-        report["testbed_unimatch_over_unimatch"] = testbed["effective_s"] / ((before + after) / 2)
+        report["testbed_unimatch_over_unimatch"] = testbed["effective_s"] / testbed["reference_s"]
         say("  profile of the s4mim step ...")
         report["s4mim_phases_ms"] = profile_phases(apply_overrides(config, MEASURED), batches, classes, dev)
         if with_ray:
@@ -361,9 +400,8 @@ def print_report(report: dict) -> None:
         say(
             f"{name:<40} {row['median_s'] * 1000:>10.1f} {row['img_per_s']:>8.1f}  ({machine_ms:.1f} ms of the machine)"
         )
-    if "testbed_reference_s" in report:
-        before, after = (report["testbed_reference_s"][k] * 1000 for k in ("before", "after"))
-        say(f"shapes-1/8 unimatch alone, before and after the lanes: {before:.1f} and {after:.1f} ms")
+    for name, row in report.get("testbed", {}).items():
+        say(f"{name}: the shapes-1/8 unimatch step in the blocks between: {row['reference_s'] * 1000:.1f} ms")
     if "s4mim_phases_ms" in report:
         say("s4mim step, ms per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in report["s4mim_phases_ms"].items()))
     ratios = ("s4mim_over_unimatch", "s4mim_decoder_head_over_unimatch", "unimatch_over_supervised",

@@ -38,9 +38,8 @@ def test_bench_smoke_prints_json_last_and_writes_results(capsys, runs, tiny_shap
         "shapes48-1/8 unimatch, 2 lanes of 1 thread",
     }
     assert all(row["effective_s"] == row["median_s"] / 2 > 0 for row in testbed.values())
-    reference = report["testbed_reference_s"]  # the shapes-1/8 unimatch step alone, before and after the lanes
-    lane = testbed["shapes48-1/8 unimatch, 2 lanes of 1 thread"]["effective_s"]
-    assert report["testbed_unimatch_over_unimatch"] == lane / ((reference["before"] + reference["after"]) / 2)
+    unimatch = testbed["shapes48-1/8 unimatch, 2 lanes of 1 thread"]  # against the blocks of the reference between
+    assert report["testbed_unimatch_over_unimatch"] == unimatch["effective_s"] / unimatch["reference_s"] > 0
     assert report["peak_rss_gb"] > 0 and report["git_sha"] and report["machine"]["cpus"]
     assert json.loads(out.read_text())["cpu"] == report
 
