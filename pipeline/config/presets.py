@@ -78,7 +78,7 @@ def _shapes(split: str) -> dict:
 
 
 def _shapes48(split: str) -> dict:
-    """The cheap testbed: the shapes data at about a quarter of shapes-1/8's UniMatch step cost (0.23x in
+    """The cheap testbed: the shapes data at about a quarter of shapes-1/8's UniMatch step cost (0.24x in
     make bench), so that runs can train to convergence on a CPU (docs/shapes.md, "The cheap testbed";
     docs/bench.md for the cost)."""
     return _merge(_shapes(split), {
