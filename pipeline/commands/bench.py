@@ -109,11 +109,25 @@ def dataset_batches(config: Config, runs: Path, n: int) -> tuple[list, int]:
     return batches, manifest.num_classes
 
 
-def time_row(config: Config, variant: str, batches: list, classes: int, device, steps: int, warmup: int,
-             compile_model: bool = False) -> dict:  # fmt: skip
+def seeded_engine(config: Config, variant: str, classes: int, device) -> Engine:
+    """A fresh engine of ``variant`` whose model starts from seed 0, as every timed row's does."""
     torch.manual_seed(0)
     model = build_model(config, classes, reconstruction="cmim" in config.terms(variant))
-    engine = Engine(model, config, classes, device, variant=variant, total_steps=10_000)
+    return Engine(model, config, classes, device, variant=variant, total_steps=10_000)
+
+
+def train_step(engine: Engine, variant: str, batch: tuple) -> None:
+    """One timed step on a (labeled, unlabeled, partner) batch; the supervised row reads the labeled part."""
+    labeled, unlabeled, partner = batch
+    if variant == "supervised":
+        engine.train_step(labeled)
+    else:
+        engine.train_step(labeled, unlabeled, partner)
+
+
+def time_row(config: Config, variant: str, batches: list, classes: int, device, steps: int, warmup: int,
+             compile_model: bool = False) -> dict:  # fmt: skip
+    engine = seeded_engine(config, variant, classes, device)
     if compile_model:
         engine.net = torch.compile(engine.model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -121,12 +135,9 @@ def time_row(config: Config, variant: str, batches: list, classes: int, device, 
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
-        labeled, unlabeled, partner = batches[i % len(batches)]
-        if variant == "supervised":
-            unlabeled = partner = None
         sync()
         started = time.perf_counter()
-        engine.train_step(labeled, unlabeled, partner)
+        train_step(engine, variant, batches[i % len(batches)])
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - started)
@@ -171,23 +182,17 @@ def time_rows_interleaved(rows: dict[str, tuple[Config, str]], batches: list, cl
     On a shared machine the speed drifts over minutes; interleaving lets every row see the same
     drift, so their ratios hold even when absolute times wander.
     """
-    engines = {}
-    for name, (config, variant) in rows.items():
-        torch.manual_seed(0)
-        model = build_model(config, classes, reconstruction="cmim" in config.terms(variant))
-        engines[name] = (Engine(model, config, classes, device, variant=variant, total_steps=10_000), variant)
+    engines = {
+        name: (seeded_engine(config, variant, classes, device), variant) for name, (config, variant) in rows.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in rows}
     names = list(rows)
     for round_ in range(warmup + steps):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]  # no row always goes first
-        labeled, unlabeled, partner = batches[round_ % len(batches)]
         for name in order:
             engine, variant = engines[name]
             started = time.perf_counter()
-            if variant == "supervised":
-                engine.train_step(labeled)
-            else:
-                engine.train_step(labeled, unlabeled, partner)
+            train_step(engine, variant, batches[round_ % len(batches)])
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - started)
     images = batches[0][0]["image"].shape[0]
@@ -209,9 +214,7 @@ def _start_lane(config: Config, variant: str, runs: Path, barrier) -> None:
     """A side-by-side lane: one thread, its own engine on the preset's real batches."""
     torch.set_num_threads(1)
     batches, classes = dataset_batches(config, runs, 4)
-    torch.manual_seed(0)
-    engine = Engine(build_model(config, classes), config, classes, torch.device("cpu"), variant=variant,
-                    total_steps=10_000)  # fmt: skip
+    engine = seeded_engine(config, variant, classes, torch.device("cpu"))
     _LANE.update(engine=engine, batches=batches, variant=variant, done=0, barrier=barrier)
 
 
@@ -224,13 +227,10 @@ def _lane_block(steps: int) -> list[float]:
 def _timed_steps(state: dict, steps: int) -> list[float]:
     engine, batches, times = state["engine"], state["batches"], []
     for _ in range(steps):
-        labeled, unlabeled, partner = batches[state["done"] % len(batches)]
+        batch = batches[state["done"] % len(batches)]
         state["done"] += 1
         started = time.perf_counter()
-        if state["variant"] == "supervised":
-            engine.train_step(labeled)
-        else:
-            engine.train_step(labeled, unlabeled, partner)
+        train_step(engine, state["variant"], batch)
         times.append(time.perf_counter() - started)
     return times
 
@@ -249,9 +249,8 @@ def testbed_rows(runs: Path, steps: int, warmup: int, reference: tuple, lanes: i
     import multiprocessing
 
     config, variant, batches, classes = reference
-    torch.manual_seed(0)
-    ref = {"engine": Engine(build_model(config, classes), config, classes, torch.device("cpu"), variant=variant,
-                            total_steps=10_000), "batches": batches, "variant": variant, "done": 0}  # fmt: skip
+    ref = {"engine": seeded_engine(config, variant, classes, torch.device("cpu")), "batches": batches,
+           "variant": variant, "done": 0}  # fmt: skip
     per_block = max(1, steps // blocks)
     out = {}
     context = multiprocessing.get_context("spawn")

@@ -171,7 +171,7 @@ class EpochFollower:
     def __init__(self, label: str, log: Path):
         self.label, self.log = label, log
         self.offset = log.stat().st_size if log.is_file() else 0  # what earlier attempts wrote is not news
-        self.started, self.first = time.perf_counter(), None  # first: (epoch, time) of the first epoch seen
+        self.first = None  # (epoch, time) of the first epoch this follower saw finish
 
     def news(self) -> list[str]:
         with open(self.log, "rb") as f:
