@@ -37,7 +37,7 @@ def stage_hash_parts(config, stage: str, inputs: str = "") -> dict[str, str]:
             "variant": config.variant,
             "warmup": config.warmup.model_dump(),
             "train": config.train.model_dump(),
-            **{k: getattr(config, k).model_dump() for k in ("unimatch", "mim", "fa", "smim")},
+            **{k: getattr(config, k).model_dump() for k in method_sections(config)},
         }
     if stage == "evaluate":
         parts["eval"] = config.eval.model_dump()
@@ -48,3 +48,21 @@ def stage_hash_parts(config, stage: str, inputs: str = "") -> dict[str, str]:
     blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return {"config": digest, "inputs": inputs, "code": code_fingerprint(stage)}
+
+
+def method_sections(config) -> tuple[str, ...]:
+    """The method's config sections that the run's loss terms read (``Config.terms``).
+
+    A knob of a term the run does not train leaves its key alone: a supervised run reads none of
+    unimatch, mim, fa and smim, a UniMatch run only unimatch, and an S4MIM run fa and smim only when
+    their terms are on. So an ablation that changes an SMIM knob retrains the runs that train SMIM,
+    not its baselines. mim is read by every masked term: CMIM and FA share its masked forward, and
+    SMIM falls back to its patch and ratio."""
+    if config.variant == "supervised":
+        return ()
+    terms = config.terms()
+    sections = ["unimatch"]
+    if terms & {"cmim", "fa", "smim"}:
+        sections.append("mim")
+    sections += [name for name in ("fa", "smim") if name in terms]
+    return tuple(sections)
