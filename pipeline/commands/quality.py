@@ -56,7 +56,9 @@ DEFAULT_REGIME = "testbed"
 EXPERIMENT = "s4mim-quality"
 # Keys each (variant, seed) run sets itself; --set may not change them.
 CONTROLLED = {"seed", "variant", "train.epochs", "train.steps_per_epoch", "train.match", "tracking.experiment",
-              "mim.mode", "fa.weight", "smim.weight", "data.synth_seed"}  # fmt: skip
+              "mim.mode", "data.synth_seed"}  # fmt: skip
+# Weights --set may change, for the variants that train the term (the others keep it off).
+TERM_WEIGHTS = {"fa.weight": "FA", "smim.weight": "SMIM"}
 
 
 def preset_for(split: str | None = None, regime: str = DEFAULT_REGIME) -> str:
@@ -285,12 +287,20 @@ def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, bac
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """``--set`` may not change what quality sets for each run."""
+    """``--set`` may not change what quality sets for each run; a term's weight it may, for the variants
+    that train the term."""
     from pipeline.config.schema import parse_override
     from pipeline.errors import UsageError
 
     for text in overrides:
-        key = ".".join(parse_override(text)[0])
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if key in TERM_WEIGHTS and not (isinstance(value, int | float) and value > 0):
+            term = TERM_WEIGHTS[key]
+            raise UsageError(
+                f"--set {key}={value}: the variants without {term} already run with it off; "
+                f"give a positive weight for the variants that train {term}"
+            )
         if key in CONTROLLED:
             raise UsageError(
                 f"--set {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"

@@ -143,6 +143,20 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
     code, _, err = run_main(capsys, "quality", "--local", "--set", "train.epochs=3")
     assert code == 2 and "--set train.epochs" in err and "--epochs" in err
+    code, _, err = run_main(capsys, "quality", "--local", "--set", "fa.weight=0")
+    assert code == 2 and "--set fa.weight=0" in err and "positive weight" in err
+
+
+def test_a_term_weight_set_for_quality_reaches_the_variants_that_train_the_term():
+    from pipeline.commands.quality import cell_configs, check_overrides
+    from pipeline.config.presets import load_preset
+
+    check_overrides(["fa.weight=0.3", "smim.weight=0.25"])  # accepted
+    base = load_preset("shapes48-1/32", ["fa.weight=0.3", "smim.weight=0.25"])
+    weights = {name: (c.fa.weight, c.smim.weight) for name, _, c in cell_configs(base, [0], 1, 10)}
+    assert weights["s4mim (CMIM + FA + SMIM)"] == (0.3, 0.25)
+    assert weights["unimatch + CMIM + FA"] == (0.3, 0)
+    assert weights["unimatch + CMIM"] == weights["unimatch + plain MIM"] == (0, 0)
 
 
 def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, tiny_shapes, tmp_path):
