@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.commands.quality import DEFAULT_REGIME
 from pipeline.console import set_verbose
 from pipeline.errors import UsageError, find_user_error
 from pipeline.paths import rank, world_size
@@ -600,7 +601,7 @@ def quality(
             help="testbed: the shapes48-* presets, cheap enough to train every run to convergence (20,000 steps; "
             "docs/shapes.md); short: the shapes-* presets of the first tables (a few hundred steps)."
         ),
-    ] = "testbed",
+    ] = DEFAULT_REGIME,
     baselines: Annotated[
         bool,
         typer.Option(
