@@ -25,6 +25,7 @@ command, the git sha and the wall time, beside a bar chart and the learning curv
 
 from __future__ import annotations
 
+import hashlib
 import re
 import statistics
 import sys
@@ -539,10 +540,36 @@ def curves_chart(cells: list[Cell], title: str, out: Path) -> None:
     plt.close(fig)
 
 
+# Keys a name spells out already, or whose change makes no other experiment (where the data is, how it runs).
+UNNAMED = ("data.root", "data.split", "data.synth_seed", "data.loader_workers", "model.init", "tracking.", "scaling.")
+
+
+def changed_knobs(base) -> list[str]:
+    """``key=value`` of each setting of ``base`` that differs from its built-in preset's, but for ``UNNAMED``."""
+    from pipeline.config.presets import BUILTIN, load_preset
+
+    if base.preset not in BUILTIN:
+        return []
+    changed: list[str] = []
+
+    def walk(ours: dict, theirs: dict, prefix: str) -> None:
+        for key, value in ours.items():
+            name = prefix + key
+            if isinstance(value, dict):
+                walk(value, theirs[key], name + ".")
+            elif value != theirs[key] and not name.startswith(UNNAMED):
+                changed.append(f"{name}={value}")
+
+    walk(base.model_dump(), load_preset(base.preset).model_dump(), "")
+    return sorted(changed)
+
+
 def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
     """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
     the testbed regime adds -testbed, a baselines-only run -baselines, a split other than 1/8 its fraction
-    (results-testbed-1_16.md), and an initialisation other than none its name (-standin)."""
+    (results-testbed-1_16.md), an initialisation other than none its name (-standin), and each knob set
+    away from the preset its key and value (results-testbed-1_32-smim_pixels_visible.md), so that a knob
+    trial never overwrites the table of the defaults."""
     name = "results"
     if base.preset.startswith(REGIMES["testbed"] + "-"):
         name += "-testbed"
@@ -552,6 +579,11 @@ def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
         name += "-" + base.data.split.replace("/", "_")
     if base.model.init != "none":  # a pretrained backbone is another cell: results-testbed-baselines-1_32-standin.md
         name += "-" + re.sub(r"[^a-z0-9]+", "_", base.model.init.lower()).strip("_")
+    knobs = "-".join(re.sub(r"[^a-z0-9]+", "_", knob.lower()).strip("_") for knob in changed_knobs(base))
+    if len(knobs) > 60:  # many knobs (a smoke test's): a short hash of them; the table's header lists the command
+        knobs = "set_" + hashlib.sha256(knobs.encode()).hexdigest()[:8]
+    if knobs:
+        name += "-" + knobs
     if base.data.synth_seed:
         name += f"-synth{base.data.synth_seed}"
     return docs / f"{name}.md"

@@ -15,6 +15,17 @@ from tests.pipeline.cli_helpers import run_main
 TINY_WITHOUT_BUDGET = [o for o in TINY_OVERRIDES if not o.startswith(("train.epochs=", "train.steps_per_epoch="))]
 
 
+def _tiny_stem(preset: str, tiny_shapes: Path, baselines: bool = False) -> str:
+    """The name quality gives the table of runs with the tiny settings (a hash of those settings)."""
+    from pipeline.commands.quality import results_path
+    from pipeline.config.presets import load_preset
+
+    config = load_preset(preset, [*TINY_WITHOUT_BUDGET, f'data.root="{tiny_shapes}"'])
+    stem = results_path(config, Path("."), baselines).stem
+    assert re.fullmatch(r"results(-testbed)?(-baselines)?-1_4-set_[0-9a-f]{8}", stem), stem
+    return stem
+
+
 def test_results_table_gives_mean_std_and_each_seed(tiny_config):
     iou = {0: {"background": 90.0, "disc": 10.0}, 1: {"background": 94.0, "disc": 20.0}}
     cells = [Cell("unimatch", {0: 50.0, 1: 52.0}, final={0: 48.0, 1: 51.0}, iou=iou), Cell("s4mim", {0: 49.0})]
@@ -90,8 +101,9 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
             "--docs", str(docs), *sets]  # fmt: skip
     code, out, err = run_main(capsys, *args)
     assert code == 0, err
-    assert f"wrote {docs / 'results-1_4.md'}, results-1_4.png, results-1_4-curves.png" in out
-    text = (docs / "results-1_4.md").read_text()  # the tiny settings label 1/4 of the images
+    stem = _tiny_stem("shapes-1/8", tiny_shapes)  # the tiny settings label 1/4 of the images
+    assert f"wrote {docs / stem}.md, {stem}.png, {stem}-curves.png" in out
+    text = (docs / f"{stem}.md").read_text()
     for name in VARIANTS:
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert re.fullmatch(rf"\| {re.escape(name)} \| \d+\.\d\d ± 0\.00 \| \d+\.\d\d \|", row), row
@@ -101,17 +113,17 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     # A rewrite of the table keeps the notes written below the marker, and only those.
     from pipeline.commands.quality import KEEP_MARKER
 
-    (docs / "results-1_4.md").write_text(text.replace("warmup teacher", "OLD") + f"{KEEP_MARKER}\n## Diagnosis\nkept\n")
+    (docs / f"{stem}.md").write_text(text.replace("warmup teacher", "OLD") + f"{KEEP_MARKER}\n## Diagnosis\nkept\n")
     code, _, err = run_main(capsys, *args)
     assert code == 0, err
-    again = (docs / "results-1_4.md").read_text()
+    again = (docs / f"{stem}.md").read_text()
     assert (
         "OLD" not in again and again.endswith(f"{KEEP_MARKER}\n## Diagnosis\nkept\n") and again.count(KEEP_MARKER) == 1
     )
-    for chart in ("results-1_4.png", "results-1_4-curves.png"):
+    for chart in (f"{stem}.png", f"{stem}-curves.png"):
         image = decode_png(read_file(str(docs / chart)))
         assert image.shape[0] in (3, 4) and image.shape[1] > 100 and image.shape[2] > 100
-    assert "(results-1_4-curves.png)" in again
+    assert f"({stem}-curves.png)" in again
     # every variant ran as its own pipeline: a train stage each, one shared warmup
     stages = runs / "stages" / "shapes-1_8"
     assert len(list(stages.glob("train-*"))) == len(VARIANTS) and len(list(stages.glob("warmup-*"))) == 1
@@ -138,6 +150,8 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     assert results_path(base, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_16.md")
     standin = load_preset("shapes48-1/32", ["model.init=standin"])
     assert results_path(standin, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_32-standin.md")
+    knobs = load_preset("shapes48-1/32", ["smim.pixels=visible", "fa.weight=0.2", 'data.root="/elsewhere"'])
+    assert results_path(knobs, Path("d")) == Path("d/results-testbed-1_32-fa_weight_0_2-smim_pixels_visible.md")
 
 
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
@@ -201,7 +215,7 @@ def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     assert len(list(stages.glob("warmup-*"))) == 1 and len(list(stages.glob("train-*"))) == len(BASELINES)
     logs = sorted(p.name for p in (runs / "quality" / "logs").iterdir())
     assert len(logs) == len(BASELINES) + 1 and sum(name.startswith("warmup-") for name in logs) == 1
-    text = (docs / "results-testbed-baselines-1_4.md").read_text()
+    text = (docs / f"{_tiny_stem('shapes48-1/32', tiny_shapes, baselines=True)}.md").read_text()
     assert "s4mim quality --local --jobs 2" in text and text.count("--regime testbed") == 1 and "--split" not in text
     assert all(f"| {name} |" in text for name in BASELINES)
     assert not any(f"| {name} |" in text for name in VARIANTS if name not in BASELINES)
@@ -227,7 +241,7 @@ def test_quality_side_by_side_runs_join_the_commands_ray(runs, tiny_shapes, tmp_
                  if line.startswith("Ray cluster at")}  # fmt: skip
     assert len(addresses) == 1  # every run joined the one cluster
     assert (runs / "mlflow.db").is_file()
-    assert (tmp_path / "d" / "results-1_4.md").is_file()
+    assert (tmp_path / "d" / f"{_tiny_stem('shapes-1/8', tiny_shapes)}.md").is_file()
 
 
 def test_a_rerun_of_a_pool_run_adds_to_its_log(tmp_path):
