@@ -139,11 +139,13 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
     folder = runs / "quality"
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    warmups, trains = {}, []
+    warmups, trains, queued = {}, [], set()
     for name, seed, config in cells:
         statuses = {s.name: s for s in plan(config, runs, [])}
-        if statuses["evaluate"].status == "cached":
+        # Two rows whose runs read the same settings (plain MIM and CMIM with mim.weight=0) share their stages.
+        if statuses["evaluate"].status == "cached" or statuses["train"].folder in queued:
             continue
+        queued.add(statuses["train"].folder)
         config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"cpus_per_worker": threads})})
         words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # "unimatch + CMIM" -> unimatch-cmim
         init = "" if config.model.init == "none" else f"-init-{re.sub(r'[^a-z0-9]+', '-', config.model.init.lower())}"
@@ -296,16 +298,23 @@ def check_overrides(overrides: list[str]) -> None:
     for text in overrides:
         path, value = parse_override(text)
         key = ".".join(path)
-        if key in TERM_WEIGHTS and not (isinstance(value, int | float) and value > 0):
-            term = TERM_WEIGHTS[key]
-            raise UsageError(
-                f"--set {key}={value}: the variants without {term} already run with it off; "
-                f"give a positive weight for the variants that train {term}"
-            )
-        if key in CONTROLLED:
-            raise UsageError(
-                f"--set {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"
-            )
+        # A whole section (--set 'fa={"weight": 0}') sets each of its keys.
+        items = {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+        for key, value in items.items():
+            if key in TERM_WEIGHTS and not _positive(value):
+                term = TERM_WEIGHTS[key]
+                raise UsageError(
+                    f"--set {key}={value}: the variants without {term} already run with it off; "
+                    f"give a positive weight for the variants that train {term}"
+                )
+            if key in CONTROLLED:
+                raise UsageError(
+                    f"--set {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"
+                )
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def runs_target(base, jobs: int, local: bool, ray_address: str | None, tracking_uri: str | None) -> list[str]:
@@ -404,7 +413,9 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
     lines += _diagnostics_table(cells)
     if not charts:
         return "\n".join(lines) + "\n"
-    chart = results_path(base, Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
+    chart = (
+        results_path(with_budget(base, epochs, steps), Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
+    )
     lines += ["", f"![val mIoU per variant]({chart})", ""]
     if any(cell.curve for cell in cells):
         lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
@@ -540,8 +551,14 @@ def curves_chart(cells: list[Cell], title: str, out: Path) -> None:
     plt.close(fig)
 
 
-# Keys a name spells out already, or whose change makes no other experiment (where the data is, how it runs).
-UNNAMED = ("data.root", "data.split", "data.synth_seed", "data.loader_workers", "model.init", "tracking.", "scaling.")
+# Keys a name spells out already, or whose change makes no other experiment (where the data is, how it runs);
+# one ending in "." stands for its whole section.
+UNNAMED = ("data.root", "data.split", "data.synth_seed", "data.loader_workers", "model.init", "tracking.",
+           "scaling.gpus_per_worker", "scaling.cpus_per_worker")  # fmt: skip
+
+
+def _unnamed(key: str) -> bool:
+    return any(key == u or (u.endswith(".") and key.startswith(u)) for u in UNNAMED)
 
 
 def changed_knobs(base) -> list[str]:
@@ -557,11 +574,16 @@ def changed_knobs(base) -> list[str]:
             name = prefix + key
             if isinstance(value, dict):
                 walk(value, theirs[key], name + ".")
-            elif value != theirs[key] and not name.startswith(UNNAMED):
+            elif value != theirs[key] and not _unnamed(name):
                 changed.append(f"{name}={value}")
 
     walk(base.model_dump(), load_preset(base.preset).model_dump(), "")
     return sorted(changed)
+
+
+def with_budget(base, epochs: int, steps: int):
+    """``base`` with the train budget every run of the table had (a budget set by --epochs or --steps names it)."""
+    return base.model_copy(update={"train": base.train.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})})
 
 
 def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
@@ -579,9 +601,12 @@ def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
         name += "-" + base.data.split.replace("/", "_")
     if base.model.init != "none":  # a pretrained backbone is another cell: results-testbed-baselines-1_32-standin.md
         name += "-" + re.sub(r"[^a-z0-9]+", "_", base.model.init.lower()).strip("_")
-    knobs = "-".join(re.sub(r"[^a-z0-9]+", "_", knob.lower()).strip("_") for knob in changed_knobs(base))
-    if len(knobs) > 60:  # many knobs (a smoke test's): a short hash of them; the table's header lists the command
-        knobs = "set_" + hashlib.sha256(knobs.encode()).hexdigest()[:8]
+    changed = changed_knobs(base)
+    knobs = "-".join(knob.replace(".", "_").replace("=", "_") for knob in changed)
+    # Spelled out where that is unambiguous (a lowercase word or a non-negative number per value, and short);
+    # else a hash of the settings themselves. The table's header gives the command either way.
+    if len(knobs) > 60 or not all(re.fullmatch(r"[a-z0-9_.]+=([a-z0-9]+|\d+\.\d+)", knob) for knob in changed):
+        knobs = "set_" + hashlib.sha256("\n".join(changed).encode()).hexdigest()[:8]
     if knobs:
         name += "-" + knobs
     if base.data.synth_seed:
@@ -608,7 +633,7 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     from pipeline.training.pictures import has_matplotlib
 
     command = reproducing_command(base, sys.argv[1:])
-    path = results_path(base, docs, len(cells) < len(VARIANTS))
+    path = results_path(with_budget(base, epochs, steps), docs, len(cells) < len(VARIANTS))
     charts = []
     if has_matplotlib():
         charts.append(path.with_suffix(".png"))

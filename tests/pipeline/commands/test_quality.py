@@ -20,7 +20,8 @@ def _tiny_stem(preset: str, tiny_shapes: Path, baselines: bool = False) -> str:
     from pipeline.commands.quality import results_path
     from pipeline.config.presets import load_preset
 
-    config = load_preset(preset, [*TINY_WITHOUT_BUDGET, f'data.root="{tiny_shapes}"'])
+    budget = ["train.epochs=1", "train.steps_per_epoch=2"]  # the tests' --epochs 1 --steps 2
+    config = load_preset(preset, [*TINY_WITHOUT_BUDGET, f'data.root="{tiny_shapes}"', *budget])
     stem = results_path(config, Path("."), baselines).stem
     assert re.fullmatch(r"results(-testbed)?(-baselines)?-1_4-set_[0-9a-f]{8}", stem), stem
     return stem
@@ -152,13 +153,27 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     assert results_path(standin, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_32-standin.md")
     knobs = load_preset("shapes48-1/32", ["smim.pixels=visible", "fa.weight=0.2", 'data.root="/elsewhere"'])
     assert results_path(knobs, Path("d")) == Path("d/results-testbed-1_32-fa_weight_0_2-smim_pixels_visible.md")
+    # Settings that make another experiment are named, those that only say where or how it runs are not.
+    assert results_path(load_preset("shapes48-1/32", ["data.split_seed=1"]), Path(".")).stem.endswith("split_seed_1")
+    assert results_path(load_preset("shapes48-1/32", ["scaling.workers=2"]), Path(".")).stem.endswith("workers_2")
+    assert (
+        results_path(load_preset("shapes48-1/32", ["scaling.cpus_per_worker=2"]), Path(".")).stem
+        == "results-testbed-1_32"
+    )
+    # A value the name could not spell unambiguously (a sign, a path) is hashed, as are many knobs.
+    first, second = (results_path(load_preset("shapes48-1/32", [f"unimatch.strong_blur_sigma=[{lo}, 0.4]"]),
+                                       Path(".")).stem for lo in ("0.2", "0.3"))  # fmt: skip
+    assert first != second and re.fullmatch(r"results-testbed-1_32-set_[0-9a-f]{8}", first)
 
 
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
     code, _, err = run_main(capsys, "quality", "--local", "--set", "train.epochs=3")
     assert code == 2 and "--set train.epochs" in err and "--epochs" in err
-    code, _, err = run_main(capsys, "quality", "--local", "--set", "fa.weight=0")
-    assert code == 2 and "--set fa.weight=0" in err and "positive weight" in err
+    for bad in ("fa.weight=0", "fa.weight=true", "smim.weight=Infinity", 'fa={"weight": 0}'):
+        code, _, err = run_main(capsys, "quality", "--local", "--set", bad)
+        assert code == 2 and "positive weight" in err, bad
+    code, _, err = run_main(capsys, "quality", "--local", "--set", 'mim={"mode": "plain"}')
+    assert code == 2 and "--set mim.mode" in err
 
 
 def test_a_term_weight_set_for_quality_reaches_the_variants_that_train_the_term():
@@ -194,6 +209,18 @@ def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, ti
     assert code == 2 and "--split 1/3" in err
     code, _, err = run_main(capsys, "quality", "--local", "--set", "data.synth_seed=1")
     assert code == 2 and "--synth-seed" in err
+
+
+def test_rows_that_share_their_stages_train_them_once(runs, tiny_config, monkeypatch):
+    """With mim.weight=0 the plain-MIM and CMIM rows read the same settings: one process trains their stage."""
+    from pipeline.commands import quality
+
+    pools = []
+    monkeypatch.setattr(quality, "_run_pool", lambda batch, *args, **kwargs: pools.append(batch))
+    cells = quality.cell_configs(tiny_config("mim.weight=0"), [0], 1, 2, ["unimatch + plain MIM", "unimatch + CMIM"])
+    quality.run_side_by_side(cells, runs, 2, ["--local"])
+    warmups, trains = pools
+    assert len(warmups) == 1 and [label for label, _, _ in trains] == ["unimatch + plain MIM, seed 0"]
 
 
 def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
