@@ -564,21 +564,12 @@ def _unnamed(key: str) -> bool:
 def changed_knobs(base) -> list[str]:
     """``key=value`` of each setting of ``base`` that differs from its built-in preset's, but for ``UNNAMED``."""
     from pipeline.config.presets import BUILTIN, load_preset
+    from pipeline.tracking.runs import flat_params
 
     if base.preset not in BUILTIN:
         return []
-    changed: list[str] = []
-
-    def walk(ours: dict, theirs: dict, prefix: str) -> None:
-        for key, value in ours.items():
-            name = prefix + key
-            if isinstance(value, dict):
-                walk(value, theirs[key], name + ".")
-            elif value != theirs[key] and not _unnamed(name):
-                changed.append(f"{name}={value}")
-
-    walk(base.model_dump(), load_preset(base.preset).model_dump(), "")
-    return sorted(changed)
+    ours, theirs = flat_params(base, frozenset()), flat_params(load_preset(base.preset), frozenset())
+    return sorted(f"{key}={value}" for key, value in ours.items() if value != theirs[key] and not _unnamed(key))
 
 
 def with_budget(base, epochs: int, steps: int):

@@ -101,8 +101,8 @@ def git_sha() -> str:
     return sha[:12] + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def flat_params(config: Config) -> dict[str, str]:
-    """The config's leaves as MLflow params, by dotted key (lists and tuples as JSON)."""
+def flat_params(config: Config, unlogged: frozenset[str] = UNLOGGED_KEYS) -> dict[str, str]:
+    """The config's leaves as MLflow params, by dotted key (lists and tuples as JSON), but for ``unlogged``."""
     out: dict[str, str] = {}
 
     def walk(node: dict, prefix: str) -> None:
@@ -110,7 +110,7 @@ def flat_params(config: Config) -> dict[str, str]:
             name = prefix + key
             if isinstance(value, dict):
                 walk(value, name + ".")
-            elif name not in UNLOGGED_KEYS:
+            elif name not in unlogged:
                 out[name] = json.dumps(value) if isinstance(value, list) else str(value)
 
     walk(config.model_dump(mode="json"), "")
