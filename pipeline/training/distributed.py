@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 
 import torch
@@ -23,4 +25,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A gloo group still alive when the interpreter finalizes can abort the process after the
+        # work is done ("terminate called without an active exception"): leave it at exit instead.
+        atexit.register(leave_distributed)
     return rank, world, device
+
+
+def leave_distributed() -> None:
+    """Destroy this process's group, if it joined one; safe to call more than once.
+
+    Collecting garbage first frees DDP models that are no longer used: each holds the group, and one
+    still alive keeps the group's threads running into the interpreter's finalization."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
