@@ -37,7 +37,7 @@ def stage_hash_parts(config, stage: str, inputs: str = "") -> dict[str, str]:
             "variant": config.variant,
             "warmup": config.warmup.model_dump(),
             "train": config.train.model_dump(),
-            **{k: getattr(config, k).model_dump() for k in method_sections(config)},
+            **{name: _method_section(config, name) for name in method_sections(config)},
         }
     if stage == "evaluate":
         parts["eval"] = config.eval.model_dump()
@@ -48,6 +48,16 @@ def stage_hash_parts(config, stage: str, inputs: str = "") -> dict[str, str]:
     blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return {"config": digest, "inputs": inputs, "code": code_fingerprint(stage)}
+
+
+def _method_section(config, name: str) -> dict:
+    """A method section as the run reads it: a knob that only another mode reads is hashed at its
+    default, so that setting it leaves the key alone (plain MIM never reads ``mim.input``)."""
+    section = getattr(config, name)
+    values = section.model_dump()
+    if name == "mim" and section.mode != "classwise":
+        values["input"] = type(section).model_fields["input"].default
+    return values
 
 
 def method_sections(config) -> tuple[str, ...]:

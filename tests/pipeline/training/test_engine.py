@@ -370,12 +370,14 @@ def test_feature_aggregation_trains_the_row_of_each_pair(tiny_config, monkeypatc
 
 
 # Knobs of terms a run does not train, changed all at once: the run's steps and its cache key stay the same.
-UNREAD = {
-    "supervised": ("unimatch.threshold=0.5", "unimatch.feature_perturbation=false", "mim.ratio=0.3",
-                   "mim.head=decoder", "fa.feature=decoder", "smim.view=extra"),
-    "unimatch": ("mim.ratio=0.3", "mim.mode=plain", "mim.head=decoder", "fa.weight=0.5", "fa.stop_grad=false",
-                 "smim.view=extra", "smim.ratio=0.25"),
-    "cmim only": ("fa.feature=decoder", "fa.stop_grad=false", "smim.view=extra", "smim.pixels=visible"),
+ONLY_MIM = ("variant=s4mim", "fa.weight=0", "smim.weight=0")
+UNREAD = {  # run: (its settings, the knobs it does not read)
+    "supervised": (("variant=supervised",), ("unimatch.threshold=0.5", "unimatch.feature_perturbation=false",
+                   "mim.ratio=0.3", "mim.head=decoder", "fa.feature=decoder", "smim.view=extra")),
+    "unimatch": (("variant=unimatch",), ("mim.ratio=0.3", "mim.mode=plain", "mim.head=decoder", "fa.weight=0.5",
+                 "fa.stop_grad=false", "smim.view=extra", "smim.ratio=0.25")),
+    "cmim only": (ONLY_MIM, ("fa.feature=decoder", "fa.stop_grad=false", "smim.view=extra", "smim.pixels=visible")),
+    "plain mim": ((*ONLY_MIM, "mim.mode=plain"), ("mim.input=whole", "fa.feature=decoder", "smim.ratio=0.25")),
 }  # fmt: skip
 
 
@@ -383,13 +385,13 @@ UNREAD = {
 def test_knobs_of_terms_a_run_does_not_train_change_neither_its_steps_nor_its_cache_key(tiny_config, run):
     from pipeline.orchestration.hashing import stage_hash
 
-    variant = "s4mim" if run == "cmim only" else run
-    base = ["unimatch.threshold=0.0", f"variant={variant}", *(["fa.weight=0", "smim.weight=0"] * (run == "cmim only"))]
-    config, changed = tiny_config(*base), tiny_config(*base, *UNREAD[run])
+    settings, unread = UNREAD[run]
+    base = ("unimatch.threshold=0.0", *settings)
+    config, changed = tiny_config(*base), tiny_config(*base, *unread)
     batches = _batches(2, seed=3)
     engines = []
     for c in (config, changed):
-        engine = _engine(c, variant)
+        engine = _engine(c, c.variant)
         torch.manual_seed(2)
         for batch in batches:
             engine.train_step(*batch)
@@ -403,7 +405,8 @@ def test_knobs_of_terms_a_run_does_not_train_change_neither_its_steps_nor_its_ca
     ("base", "knob"),
     [(("variant=unimatch",), "unimatch.threshold=0.5"), (("variant=s4mim", "smim.weight=0"), "mim.ratio=0.3"),
      (("variant=s4mim",), "smim.pixels=visible"), (("variant=s4mim",), "fa.feature=decoder"),
-     (("variant=s4mim", "mim.mode=none", "fa.weight=0"), "mim.patch=4")],
+     (("variant=s4mim", "mim.mode=none", "fa.weight=0"), "mim.patch=4"),
+     ((*ONLY_MIM,), "mim.input=whole")],
 )  # fmt: skip
 def test_knobs_of_terms_a_run_trains_change_its_cache_key(tiny_config, base, knob):
     from pipeline.orchestration.hashing import stage_hash
