@@ -608,6 +608,14 @@ def quality(
             "--baselines", help="Only the baselines (both supervised protocols and unimatch): for choosing a regime."
         ),
     ] = False,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            help="Only this row (repeatable), with unimatch, the reference: supervised-steps, supervised-epochs, "
+            "unimatch, mim, cmim, cmim-fa or s4mim. For a knob trial that needs only the rows that read the knob.",
+        ),
+    ] = None,
     jobs: Annotated[
         int,
         typer.Option(
@@ -623,7 +631,7 @@ def quality(
     local: LocalOpt = False,
 ) -> None:
     """The S4MIM ablation on shapes (7 variants x seeds, one fixed budget); writes docs/results*.md."""
-    from pipeline.commands.quality import check_overrides, preset_for, run_command
+    from pipeline.commands.quality import check_overrides, chosen_variants, preset_for, run_command
 
     seeds = seeds or [0, 1, 2]
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
@@ -633,12 +641,13 @@ def quality(
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     check_overrides(set_ or [])
+    variants = chosen_variants(variant or [], baselines)
     runs = _runs()
     base = _config(preset_for(split, regime), [*(set_ or []), f"data.synth_seed={synth_seed}"], data_root)
     backend = _backend(base, runs, ray_address, tracking_uri, local)
     cells, path, charts = run_command(
         base, seeds, epochs, steps, runs, backend, jobs=jobs, local=local, ray_address=ray_address,
-        tracking_uri=tracking_uri, baselines=baselines, docs=docs,
+        tracking_uri=tracking_uri, variants=variants, docs=docs,
     )  # fmt: skip
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")

@@ -4,6 +4,7 @@
     s4mim quality --seeds 0 --epochs 2   # a shorter look
     s4mim quality --synth-seed 3         # on held-out data: shapes generated with seed 3
     s4mim quality --baselines --split 1/16   # the baselines alone at 1/16 labels
+    s4mim quality --set smim.view=weak --variant s4mim   # a knob trial: its rows (and unimatch) only
     s4mim quality --regime short         # the short regime (shapes-* presets) of the first tables
 
 Two regimes: ``testbed`` (the default), the ``shapes48-*`` presets trained to convergence, 20,000
@@ -49,6 +50,9 @@ VARIANTS = {
     "s4mim (CMIM + FA + SMIM)": {"variant": "s4mim"},
 }
 BASELINES = ("supervised (step-matched)", "supervised (epoch-matched)", "unimatch")
+# The names --variant takes, in the table's order.
+VARIANT_KEYS = dict(zip(("supervised-steps", "supervised-epochs", "unimatch", "mim", "cmim", "cmim-fa", "s4mim"),
+                        VARIANTS, strict=True))  # fmt: skip
 # The regimes quality runs: the presets (by labeled split) of each, and the split each runs by default. The
 # testbed's is the cell its screening chose: the largest UniMatch - step-matched supervised gap (docs/shapes.md).
 REGIMES = {"short": "shapes", "testbed": "shapes48"}
@@ -339,18 +343,48 @@ def runs_target(base, jobs: int, local: bool, ray_address: str | None, tracking_
     return ["--ray-address", address, "--tracking-uri", uri]
 
 
+def chosen_variants(keys: list[str], baselines: bool) -> tuple[str, ...] | None:
+    """The rows of the table: every variant (None), the baselines, or those ``--variant`` names (by
+    ``VARIANT_KEYS``) with unimatch, the reference of every paired difference, always among them."""
+    from pipeline.errors import UsageError
+
+    if baselines and keys:
+        raise UsageError("--baselines and --variant choose the rows two ways: give one of them")
+    if baselines:
+        return BASELINES
+    if not keys:
+        return None
+    unknown = [key for key in keys if key not in VARIANT_KEYS]
+    if unknown:
+        raise UsageError(f"unknown --variant {unknown[0]!r}: choose among {', '.join(VARIANT_KEYS)}")
+    chosen = {VARIANT_KEYS[key] for key in [*keys, "unimatch"]}
+    return tuple(name for name in VARIANTS if name in chosen)
+
+
+def rows_suffix(variants) -> str:
+    """What a table of some of the variants adds to its name: -baselines for the baselines, else -only_
+    and the keys of its rows other than unimatch (results-testbed-1_32-only_cmim_s4mim.md)."""
+    names = tuple(variants or VARIANTS)
+    if names == tuple(VARIANTS):
+        return ""
+    if names == BASELINES:
+        return "-baselines"
+    keys = [key for key, name in VARIANT_KEYS.items() if name in names and name != "unimatch"]
+    return "-only_" + "_".join(key.replace("-", "") for key in keys)
+
+
 def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, backend, *, jobs: int,
-                local: bool, ray_address: str | None, tracking_uri: str | None, baselines: bool,
+                local: bool, ray_address: str | None, tracking_uri: str | None, variants: tuple[str, ...] | None,
                 docs: Path) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
-    """``s4mim quality``: every cell trained at one budget (the preset's unless given), then the results
-    table and charts written into ``docs``. Returns the cells, the table's path and the charts'."""
+    """``s4mim quality``: every cell (of ``variants``, else all) trained at one budget (the preset's unless
+    given), then the results table and charts written into ``docs``. Returns the cells, the table's path
+    and the charts'."""
     from pipeline.tracking.runs import git_sha
 
     epochs = epochs or base.train.epochs
     steps = steps or base.train.steps_per_epoch or 90
     target = runs_target(base, jobs, local, ray_address, tracking_uri)
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
-    variants = BASELINES if baselines else None
     cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target,
                                       variants=variants)  # fmt: skip
     return cells, *write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
@@ -414,7 +448,7 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
     if not charts:
         return "\n".join(lines) + "\n"
     chart = (
-        results_path(with_budget(base, epochs, steps), Path("."), len(cells) < len(VARIANTS)).with_suffix(".png").name
+        results_path(with_budget(base, epochs, steps), Path("."), [c.variant for c in cells]).with_suffix(".png").name
     )
     lines += ["", f"![val mIoU per variant]({chart})", ""]
     if any(cell.curve for cell in cells):
@@ -577,17 +611,17 @@ def with_budget(base, epochs: int, steps: int):
     return base.model_copy(update={"train": base.train.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})})
 
 
-def results_path(base, docs: Path, baselines_only: bool = False) -> Path:
+def results_path(base, docs: Path, variants=None) -> Path:
     """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
-    the testbed regime adds -testbed, a baselines-only run -baselines, a split other than 1/8 its fraction
+    the testbed regime adds -testbed, a table of some of the variants its rows (``rows_suffix``: -baselines,
+    -only_cmim_s4mim), a split other than 1/8 its fraction
     (results-testbed-1_16.md), an initialisation other than none its name (-standin), and each knob set
     away from the preset its key and value (results-testbed-1_32-smim_pixels_visible.md), so that a knob
     trial never overwrites the table of the defaults."""
     name = "results"
     if base.preset.startswith(REGIMES["testbed"] + "-"):
         name += "-testbed"
-    if baselines_only:
-        name += "-baselines"
+    name += rows_suffix(variants)
     if base.data.split != "1/8":
         name += "-" + base.data.split.replace("/", "_")
     if base.model.init != "none":  # a pretrained backbone is another cell: results-testbed-baselines-1_32-standin.md
@@ -624,7 +658,7 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     from pipeline.training.pictures import has_matplotlib
 
     command = reproducing_command(base, sys.argv[1:])
-    path = results_path(with_budget(base, epochs, steps), docs, len(cells) < len(VARIANTS))
+    path = results_path(with_budget(base, epochs, steps), docs, [cell.variant for cell in cells])
     charts = []
     if has_matplotlib():
         charts.append(path.with_suffix(".png"))

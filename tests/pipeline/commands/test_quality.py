@@ -17,12 +17,12 @@ TINY_WITHOUT_BUDGET = [o for o in TINY_OVERRIDES if not o.startswith(("train.epo
 
 def _tiny_stem(preset: str, tiny_shapes: Path, baselines: bool = False) -> str:
     """The name quality gives the table of runs with the tiny settings (a hash of those settings)."""
-    from pipeline.commands.quality import results_path
+    from pipeline.commands.quality import BASELINES, results_path
     from pipeline.config.presets import load_preset
 
     budget = ["train.epochs=1", "train.steps_per_epoch=2"]  # the tests' --epochs 1 --steps 2
     config = load_preset(preset, [*TINY_WITHOUT_BUDGET, f'data.root="{tiny_shapes}"', *budget])
-    stem = results_path(config, Path("."), baselines).stem
+    stem = results_path(config, Path("."), BASELINES if baselines else None).stem
     assert re.fullmatch(r"results(-testbed)?(-baselines)?-1_4-set_[0-9a-f]{8}", stem), stem
     return stem
 
@@ -148,9 +148,9 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     assert matched["supervised (epoch-matched)"].train.match == "epochs"
     assert matched["supervised (step-matched)"].train.match == "steps"
     assert {c.train.epochs * c.train.steps_per_epoch for c in matched.values()} == {20_000}
-    assert results_path(base, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_16.md")
+    assert results_path(base, Path("d"), BASELINES) == Path("d/results-testbed-baselines-1_16.md")
     standin = load_preset("shapes48-1/32", ["model.init=standin"])
-    assert results_path(standin, Path("d"), baselines_only=True) == Path("d/results-testbed-baselines-1_32-standin.md")
+    assert results_path(standin, Path("d"), BASELINES) == Path("d/results-testbed-baselines-1_32-standin.md")
     knobs = load_preset("shapes48-1/32", ["smim.pixels=visible", "fa.weight=0.2", 'data.root="/elsewhere"'])
     assert results_path(knobs, Path("d")) == Path("d/results-testbed-1_32-fa_weight_0_2-smim_pixels_visible.md")
     # Settings that make another experiment are named, those that only say where or how it runs are not.
@@ -164,6 +164,26 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     first, second = (results_path(load_preset("shapes48-1/32", [f"unimatch.strong_blur_sigma=[{lo}, 0.4]"]),
                                        Path(".")).stem for lo in ("0.2", "0.3"))  # fmt: skip
     assert first != second and re.fullmatch(r"results-testbed-1_32-set_[0-9a-f]{8}", first)
+
+
+def test_variant_chooses_the_rows_with_unimatch_and_names_their_table(capsys, runs):
+    from pipeline.commands.quality import BASELINES, VARIANTS, chosen_variants, results_path
+    from pipeline.config.presets import load_preset
+    from pipeline.errors import UsageError
+
+    assert chosen_variants([], False) is None and chosen_variants([], True) == BASELINES
+    rows = chosen_variants(["s4mim", "cmim"], False)  # in the table's order, the reference added
+    assert rows == ("unimatch", "unimatch + CMIM", "s4mim (CMIM + FA + SMIM)")
+    assert chosen_variants(["supervised-steps", "supervised-epochs"], False) == BASELINES
+    every = ["supervised-steps", "supervised-epochs", "mim", "cmim", "cmim-fa", "s4mim"]
+    assert chosen_variants(every, False) == tuple(VARIANTS)
+    base = load_preset("shapes48-1/32", ["smim.view=weak"])
+    assert results_path(base, Path("d"), rows) == Path("d/results-testbed-only_cmim_s4mim-1_32-smim_view_weak.md")
+    assert results_path(base, Path("d"), tuple(VARIANTS)) == results_path(base, Path("d"))
+    with pytest.raises(UsageError, match="give one of them"):
+        chosen_variants(["cmim"], True)
+    code, _, err = run_main(capsys, "quality", "--local", "--variant", "fa")
+    assert code == 2 and "unknown --variant 'fa'" in err and "cmim-fa" in err
 
 
 def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
