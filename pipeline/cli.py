@@ -24,6 +24,7 @@ from pipeline.console import set_verbose
 from pipeline.errors import UsageError, find_user_error
 from pipeline.paths import rank, world_size
 from pipeline.paths import ray_address as resolve_address
+from pipeline.signals import signals_as_interrupt
 
 app = typer.Typer(
     help="s4mim: semi-supervised semantic segmentation with masked image modeling (S4MIM).",
@@ -681,7 +682,8 @@ def main() -> None:
     """Entry point: usage and user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv[1:]
     try:
-        code = app(prog_name="s4mim", standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C
+        with signals_as_interrupt():  # SIGTERM and SIGHUP end the command as Ctrl-C does
+            code = app(prog_name="s4mim", standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):  # typer turns Ctrl-C into one or the other, by release

@@ -212,6 +212,7 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
     import subprocess
 
     from pipeline.errors import UsageError
+    from pipeline.signals import Stop
 
     program = program or [sys.executable, "-m", "pipeline"]
     pending, running, failed = list(commands), [], []
@@ -240,9 +241,11 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
                     say(f"   finished: {label} ({(time.perf_counter() - t0) / 60:.1f} min)")
                 else:
                     failed.append((label, log, proc.returncode))
-    except KeyboardInterrupt:
-        for _, _, proc, _, _ in running:  # they got the Ctrl-C too; give them time to stop cleanly
-            try:
+    except KeyboardInterrupt as stop:
+        for _, _, proc, _, _ in running:
+            if isinstance(stop, Stop):  # SIGTERM or SIGHUP came to this process alone: pass it on
+                proc.terminate()
+            try:  # a Ctrl-C at the terminal reached them too; give them time to stop cleanly
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()

@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.paths import runs_dir
+from pipeline.signals import signals_as_interrupt
 
 
 def free_port() -> int:
@@ -86,7 +85,7 @@ def serve(tracking_uri: str | None, port: int, experiment: str = "s4mim") -> int
     # `mlflow server` starts a uvicorn worker (and, with job execution on, huey_consumer processes) that
     # outlive it when only it is signalled: in a session of its own, the tree is one group to stop together.
     server = subprocess.Popen(server_command(uri, port), env=server_env(), start_new_session=True)
-    with _signals_as_interrupt():
+    with signals_as_interrupt():
         try:
             return server.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP from `timeout`, a service manager, a closed terminal
@@ -94,26 +93,6 @@ def serve(tracking_uri: str | None, port: int, experiment: str = "s4mim") -> int
         finally:
             stop_server(server)
             _wait_for_port(port)
-
-
-class _Stop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled as Ctrl-C is: the server stops and the command ends."""
-
-
-@contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    def stop(signum, frame):
-        raise _Stop(signal.Signals(signum).name)
-
-    wanted = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup the server outlives the terminal
-        wanted.append(signal.SIGHUP)
-    previous = {sig: signal.signal(sig, stop) for sig in wanted}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def stop_server(server: subprocess.Popen, grace: float = 10.0) -> None:
