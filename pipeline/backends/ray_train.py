@@ -29,6 +29,7 @@ from pipeline.console import event, prints_into, say
 from pipeline.errors import UsageError, find_user_error
 from pipeline.orchestration.hashing import stage_hash
 from pipeline.paths import is_uri, ray_address, slug
+from pipeline.signals import retake_stop_signals
 
 STATE_FILE = "state.pt"
 STAGE_LOG = "stage.log"  # in the stage folder: Ray's and MLflow's own output while the stage ran
@@ -82,6 +83,7 @@ def connect(address: str | None = None) -> str:
         ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
+    retake_stop_signals()  # ray.init makes SIGTERM end the process at once; the command stops as on Ctrl-C
     # Worker output still comes to this process (a line of the project's included), but is no longer
     # printed as Ray prints it: see pipeline.backends.worker_logs.
     route_worker_output()

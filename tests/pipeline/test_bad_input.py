@@ -140,8 +140,10 @@ def test_a_cached_pipeline_writes_nothing_and_runs_from_a_read_only_folder(tiny_
 # -- 3. Ctrl-C (--local here; under Ray in test_ray_interrupts.py) --------------------------------------
 
 
-def interrupt_after(args: list[str], env: dict, marker: str, timeout: float = 300) -> tuple[int, str, str]:
-    """Start ``s4mim ARGS``, press Ctrl-C (SIGINT to its process group) once ``marker`` is printed."""
+def interrupt_after(args: list[str], env: dict, marker: str, timeout: float = 300,
+                    signum: int = signal.SIGINT) -> tuple[int, str, str]:  # fmt: skip
+    """Start ``s4mim ARGS``, press Ctrl-C (SIGINT to its process group) once ``marker`` is printed; another
+    ``signum`` goes to the s4mim process alone, as ``kill`` sends it."""
     process = subprocess.Popen(
         [str(S4MIM), *args],
         stdout=subprocess.PIPE,
@@ -158,7 +160,10 @@ def interrupt_after(args: list[str], env: dict, marker: str, timeout: float = 30
         for line in process.stdout:
             out.append(line)
             if marker in line:
-                os.killpg(process.pid, signal.SIGINT)
+                if signum == signal.SIGINT:
+                    os.killpg(process.pid, signal.SIGINT)
+                else:
+                    process.send_signal(signum)
                 break
         try:
             rest, err = process.communicate(timeout=timeout)

@@ -92,7 +92,9 @@ def test_two_trial_sweep_nests_runs_and_writes_a_best_preset(cluster, tiny_shape
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, tiny_shapes, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, tiny_shapes, tmp_path, signum):
+    """Ctrl-C (SIGINT to the process group), or SIGTERM to the sweep alone, as ``kill`` sends it."""
     runs = tmp_path / "runs"
     env = env_for(runs, cluster.address)
     spec = _spec(tmp_path, tiny_shapes, "tiny-stop", [0.3, 0.6], epochs=2, max_concurrent=1)
@@ -113,7 +115,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(cluster, ti
     first = wait_for(finished_trial, 600, "the first trial to finish", interval=1.0)
     # One trial at a time: Tune starts the second (which opens its run first thing) once it has ended the first.
     wait_for(lambda: len([r for r in mlflow_runs(db) if r["tags"].get("trial_id")]) == 2, 300, "the second trial")
-    os.killpg(proc.pid, signal.SIGINT)
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signum)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "sweep interrupted" in out, out[-3000:]
     assert "stopped early by ASHA" not in out and not (runs / "presets" / "tiny-stop-best.json").exists()

@@ -6,6 +6,7 @@ Slow (each case starts Ray): ``make test-slow``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 
@@ -32,11 +33,13 @@ def _warmup_args(tiny_shapes, epochs: int = 8) -> list[str]:
             "data.split=1/2", "warmup.steps_per_epoch=30")]  # fmt: skip
 
 
-@pytest.mark.parametrize("attempt", range(4))
-def test_ctrl_c_under_ray_exits_130_and_resumes_from_the_last_finished_epoch(tiny_shapes, tmp_path, attempt):
+@pytest.mark.parametrize(("attempt", "signum"), [*((n, signal.SIGINT) for n in range(4)), (0, signal.SIGTERM)],
+                         ids=["ctrl-c-0", "ctrl-c-1", "ctrl-c-2", "ctrl-c-3", "sigterm"])  # fmt: skip
+def test_ctrl_c_under_ray_exits_130_and_resumes_from_the_last_finished_epoch(tiny_shapes, tmp_path, attempt, signum):
+    """Ctrl-C, and SIGTERM to s4mim alone (which ray.init would have end the process at once)."""
     env = {"S4MIM_RUNS": str(tmp_path / "runs"), "RAY_AUTH_MODE": "disabled"}
     args = _warmup_args(tiny_shapes)
-    code, out, err = interrupt_after(args, env, epoch_line("warmup", 2 + attempt % 2, 8))
+    code, out, err = interrupt_after(args, env, epoch_line("warmup", 2 + attempt % 2, 8), signum=signum)
     assert code == 130, (out + err)[-3000:]
     assert err.strip().splitlines()[-1] == HINT, err[-3000:]
     assert "Traceback" not in err.split("Ray local", 1)[-1].rsplit(HINT, 1)[-1]
