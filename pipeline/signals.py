@@ -45,12 +45,12 @@ def signals_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = {sig: signal.signal(sig, _stop) for sig in _wanted()}
+    previous, outer = {sig: signal.signal(sig, _stop) for sig in _wanted()}, _taken
     _taken = True
     try:
         yield
     finally:
-        _taken = False
+        _taken = outer  # a block within another (s4mim ui's within the CLI's) leaves the outer one open
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

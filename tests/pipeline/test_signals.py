@@ -28,6 +28,8 @@ def test_sigterm_goes_to_a_library_s_own_ctrl_c_handler():
 
 def test_retake_wins_sigterm_back_from_a_library_inside_the_block_only():
     with pytest.raises(Stop), signals_as_interrupt():
+        with signals_as_interrupt():  # an inner block ends; the outer one is still open
+            pass
         signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as ray.init sets its own (which exits)
         retake_stop_signals()
         os.kill(os.getpid(), signal.SIGTERM)
