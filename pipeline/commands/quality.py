@@ -31,6 +31,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -394,7 +395,9 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
 
 
 def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
-                     sha: str, warmup_miou: dict[int, float], charts: bool = True) -> str:  # fmt: skip
+                     sha: str, warmup_miou: dict[int, float], charts: Sequence[Path] = ()) -> str:  # fmt: skip
+    """The table's text; ``charts`` (the bar chart, then the learning curves where there are any) are
+    linked by name, beside the table."""
     data = f"`{base.data.dataset}`" + (
         f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
     )
@@ -448,15 +451,11 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         for name in classes:
             lines.append(f"| {name} | " + " | ".join(f"{cell.class_mean(name):.1f}" for cell in with_iou) + " |")
     lines += _diagnostics_table(cells)
-    if not charts:
-        return "\n".join(lines) + "\n"
-    chart = (
-        results_path(with_budget(base, epochs, steps), Path("."), [c.variant for c in cells]).with_suffix(".png").name
-    )
-    lines += ["", f"![val mIoU per variant]({chart})", ""]
-    if any(cell.curve for cell in cells):
+    if charts:
+        lines += ["", f"![val mIoU per variant]({charts[0].name})", ""]
+    if len(charts) > 1:
         lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
-                  f"![learning curves]({chart.replace('.png', '-curves.png')})", ""]  # fmt: skip
+                  f"![learning curves]({charts[1].name})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -672,7 +671,7 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     else:
         warn("matplotlib is not installed: the table is written without its charts (pip install matplotlib, "
              "then run the same command again: every stage is cached)")  # fmt: skip
-    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, bool(charts))
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, charts)
     write_text(path, text + kept_notes(path))
     return path, charts
 
