@@ -50,7 +50,7 @@ def signals_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        _taken = outer  # a block within another (s4mim ui's within the CLI's) leaves the outer one open
+        _taken = outer  # a block within another leaves the outer one open
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -12,7 +12,6 @@ import time
 from pipeline.console import say
 from pipeline.errors import UsageError
 from pipeline.paths import runs_dir
-from pipeline.signals import signals_as_interrupt
 
 
 def free_port() -> int:
@@ -85,14 +84,13 @@ def serve(tracking_uri: str | None, port: int, experiment: str = "s4mim") -> int
     # `mlflow server` starts a uvicorn worker (and, with job execution on, huey_consumer processes) that
     # outlive it when only it is signalled: in a session of its own, the tree is one group to stop together.
     server = subprocess.Popen(server_command(uri, port), env=server_env(), start_new_session=True)
-    with signals_as_interrupt():
-        try:
-            return server.wait()
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP from `timeout`, a service manager, a closed terminal
-            return 0
-        finally:
-            stop_server(server)
-            _wait_for_port(port)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (`timeout`, a service manager, a closed terminal),
+        return 0  # which the CLI raises as Ctrl-C (pipeline.signals)
+    finally:
+        stop_server(server)
+        _wait_for_port(port)
 
 
 def stop_server(server: subprocess.Popen, grace: float = 10.0) -> None:
