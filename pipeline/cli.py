@@ -582,13 +582,15 @@ def quality(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Steps per train epoch (default: the preset's).")] = None,
     synth_seed: Annotated[
-        int,
+        list[int] | None,
         typer.Option(
-            help="Generator seed of the shapes dataset: 0 is the development data every choice is made on; "
-            "others are held out for confirming them (3 and 4 on the testbed: 1 and 2 were looked at in the "
-            "short regime's diagnosis)."
+            "--synth-seed",
+            help="Generator seed of the shapes dataset: 0 (the default) is the development data every choice is "
+            "made on; others are held out for confirming them (3 and 4 on the testbed: 1 and 2 were looked at in "
+            "the short regime's diagnosis). Repeat it to pool held-out datasets in one table, each (generator "
+            "seed, training seed) pair a column.",
         ),
-    ] = 0,
+    ] = None,
     split: Annotated[
         str | None,
         typer.Option(
@@ -637,18 +639,25 @@ def quality(
     seeds = seeds or [0, 1, 2]
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
         raise UsageError("--epochs and --steps must be at least 1")
-    if synth_seed < 0:
+    synth_seeds = sorted(set(synth_seed or [0]))
+    if synth_seeds[0] < 0:
         raise UsageError("--synth-seed must be 0 or more")
+    if len(synth_seeds) > 1 and 0 in synth_seeds:
+        raise UsageError("--synth-seed 0 is the development data: pool only held-out seeds (e.g. --synth-seed 3 "
+                         "--synth-seed 4), and run seed 0 in a table of its own")  # fmt: skip
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     check_overrides(set_ or [])
     variants = chosen_variants(variant or [], baselines)
     runs = _runs()
-    base = _config(preset_for(split, regime), [*(set_ or []), f"data.synth_seed={synth_seed}"], data_root)
+    base = _config(preset_for(split, regime), [*(set_ or []), f"data.synth_seed={synth_seeds[0]}"], data_root)
+    if len(synth_seeds) > 1 and base.data.root:
+        raise UsageError(f"data.root {base.data.root} holds one generated dataset: pool several --synth-seed values "
+                         "in their default folders ($S4MIM_DATA/shapes-seed<N>), without --data-root")  # fmt: skip
     backend = _backend(base, runs, ray_address, tracking_uri, local)
     cells, path, charts = run_command(
         base, seeds, epochs, steps, runs, backend, jobs=jobs, local=local, ray_address=ray_address,
-        tracking_uri=tracking_uri, variants=variants, docs=docs,
+        tracking_uri=tracking_uri, variants=variants, docs=docs, synth_seeds=synth_seeds,
     )  # fmt: skip
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")

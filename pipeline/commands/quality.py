@@ -3,6 +3,7 @@
     make quality                         # 7 variants x 3 seeds on the testbed at 1/32 labels; resumable
     s4mim quality --seeds 0 --epochs 2   # a shorter look
     s4mim quality --synth-seed 3         # on held-out data: shapes generated with seed 3
+    s4mim quality --synth-seed 3 --synth-seed 4   # both held-out datasets, pooled in one table
     s4mim quality --baselines --split 1/16   # the baselines alone at 1/16 labels
     s4mim quality --set smim.view=weak --variant s4mim   # a knob trial: its rows (and unimatch) only
     s4mim quality --regime short         # the short regime (shapes-* presets) of the first tables
@@ -15,7 +16,9 @@ kept so that the tables made with it can be made again.
 Generator seed 0 is the development data on which every setting is chosen; other seeds generate
 held-out datasets of the same design, for confirming those choices. Each writes its own table:
 ``results-testbed-1_32.md`` for seed 0, ``results-testbed-1_32-synth<N>.md`` for the others
-(``results.md`` and ``results-synth<N>.md`` in the short regime).
+(``results.md`` and ``results-synth<N>.md`` in the short regime). Several held-out generator seeds
+given at once pool into one table (``-synth3_4``) whose columns are the (generator seed, training
+seed) pairs: the means, the paired differences and the pairs won count every pair once.
 
 Every variant trains the same number of steps from the same warmup teacher of its seed (one fixed
 budget); only the loss terms differ. Each (variant, seed) is a normal pipeline run, so finished
@@ -82,15 +85,36 @@ def preset_for(split: str | None = None, regime: str = DEFAULT_REGIME) -> str:
     return f"{REGIMES[regime]}-{split}"
 
 
+# A column of a table: a training seed on one dataset, or a (generator seed, training seed) pair in a table
+# that pools several held-out datasets.
+Sample = int | tuple[int, int]
+
+
+def samples(synth_seeds: Sequence[int], seeds: Sequence[int]) -> list[Sample]:
+    """The columns of a table: the training seeds on one dataset; every (generator seed, training seed)
+    pair on several."""
+    if len(synth_seeds) == 1:
+        return list(seeds)
+    return [(synth, seed) for synth in synth_seeds for seed in seeds]
+
+
+def column(sample: Sample) -> str:
+    return f"seed {sample}" if isinstance(sample, int) else f"data {sample[0]} seed {sample[1]}"
+
+
+def _unit(samples: Sequence[Sample]) -> str:
+    return "pair" if any(isinstance(sample, tuple) for sample in samples) else "seed"
+
+
 @dataclass
 class Cell:
     variant: str
-    miou: dict[int, float] = field(default_factory=dict)  # seed -> val mIoU of the best checkpoint (evaluate)
-    seconds: dict[int, float] = field(default_factory=dict)
-    final: dict[int, float] = field(default_factory=dict)  # seed -> val mIoU after the last epoch
-    iou: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> per-class IoU of the best checkpoint
-    curve: dict[int, list[dict]] = field(default_factory=dict)  # seed -> the train stage's val mIoU at each eval
-    history: dict[int, list[dict]] = field(default_factory=dict)  # seed -> the train stage's epoch diagnostics
+    miou: dict[Sample, float] = field(default_factory=dict)  # val mIoU of the best checkpoint (evaluate)
+    seconds: dict[Sample, float] = field(default_factory=dict)
+    final: dict[Sample, float] = field(default_factory=dict)  # val mIoU after the last epoch
+    iou: dict[Sample, dict[str, float]] = field(default_factory=dict)  # per-class IoU of the best checkpoint
+    curve: dict[Sample, list[dict]] = field(default_factory=dict)  # the train stage's val mIoU at each eval
+    history: dict[Sample, list[dict]] = field(default_factory=dict)  # the train stage's epoch diagnostics
 
     @property
     def mean(self) -> float:
@@ -113,18 +137,25 @@ def budget_overrides(epochs: int, steps: int) -> dict:
     return {"train.epochs": epochs, "train.steps_per_epoch": steps, "tracking.experiment": EXPERIMENT}
 
 
-def cell_configs(base, seeds: list[int], epochs: int, steps: int, variants=None) -> list[tuple[str, int, object]]:
-    """(variant name, seed, config) of every run of the ablation (or of ``variants``), seed by seed."""
+def cell_configs(base, samples: Sequence[Sample], epochs: int, steps: int,
+                 variants=None) -> list[tuple[str, Sample, object]]:  # fmt: skip
+    """(variant name, sample, config) of every run of the ablation (or of ``variants``), sample by sample: a
+    sample is a training seed on ``base``'s data, or a (generator seed, training seed) pair."""
     from pipeline.config.schema import apply_overrides
 
-    return [
-        (name, seed, apply_overrides(base, {**budget_overrides(epochs, steps), **VARIANTS[name], "seed": seed}))
-        for seed in seeds
-        for name in variants or VARIANTS
-    ]
+    def sample_overrides(sample: Sample) -> dict:
+        synth, seed = sample if isinstance(sample, tuple) else (base.data.synth_seed, sample)
+        return {"data.synth_seed": synth, "seed": seed}
+
+    runs = []
+    for sample in samples:
+        for name in variants or VARIANTS:
+            overrides = {**budget_overrides(epochs, steps), **VARIANTS[name], **sample_overrides(sample)}
+            runs.append((name, sample, apply_overrides(base, overrides)))
+    return runs
 
 
-def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int, target: list[str]) -> None:
+def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: int, target: list[str]) -> None:
     """Train the runs that are not cached yet ``jobs`` at a time, each an ``s4mim`` process with
     cpu_count // jobs threads (on a 2-core CPU two one-thread runs side by side get through 1.16-1.27x
     more steps than one two-thread run after another; docs/shapes.md). ``target`` names where they
@@ -145,7 +176,7 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     warmups, trains, queued = {}, [], set()
-    for name, seed, config in cells:
+    for name, _, config in cells:
         statuses = {s.name: s for s in plan(config, runs, [])}
         # Two rows whose runs read the same settings (plain MIM and CMIM with mim.weight=0) share their stages.
         if statuses["evaluate"].status == "cached" or statuses["train"].folder in queued:
@@ -154,15 +185,17 @@ def run_side_by_side(cells: list[tuple[str, int, object]], runs: Path, jobs: int
         config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"cpus_per_worker": threads})})
         words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # "unimatch + CMIM" -> unimatch-cmim
         init = "" if config.model.init == "none" else f"-init-{re.sub(r'[^a-z0-9]+', '-', config.model.init.lower())}"
-        stem = f"{words}-seed{seed}-synth{config.data.synth_seed}-{re.sub(r'[^a-z0-9]+', '_', config.preset)}{init}"
+        seed, synth = config.seed, config.data.synth_seed
+        stem = f"{words}-seed{seed}-synth{synth}-{re.sub(r'[^a-z0-9]+', '_', config.preset)}{init}"
+        which = f"seed {seed}" + (f", data {synth}" if synth else "")  # held-out data says which generator seed
         path = folder / f"{stem}.json"
         write_text(path, config.model_dump_json(indent=2) + "\n")
         if statuses["warmup"].status != "cached":  # one process per warmup stage, however many runs share it
             warmups.setdefault(
                 statuses["warmup"].folder,
-                (f"warmup of {config.preset}, seed {seed}", ["warmup", str(path)], logs / f"warmup-{stem}.log"),
+                (f"warmup of {config.preset}, {which}", ["warmup", str(path)], logs / f"warmup-{stem}.log"),
             )
-        trains.append((f"{name}, seed {seed}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
+        trains.append((f"{name}, {which}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
     if not trains:
         return
     say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {logs}")
@@ -257,23 +290,23 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
         raise UsageError(f"{label} failed (exit {code}): {tail[0].strip()} (whole log: {log})")
 
 
-def run_quality(base, seeds: list[int], epochs: int, steps: int, runs: Path, backend, *, jobs: int = 1,
+def run_quality(base, samples: Sequence[Sample], epochs: int, steps: int, runs: Path, backend, *, jobs: int = 1,
                 target: list[str] | None = None, variants=None):  # fmt: skip
-    """Run (or find cached) every (variant, seed) pipeline of ``base`` under the fixed budget.
+    """Run (or find cached) every (variant, sample) pipeline of ``base`` under the fixed budget.
 
     With ``jobs`` > 1 the runs train side by side first (``run_side_by_side``); the pass over the
-    pipelines then finds them cached. Returns the cells, the warmup teacher's val mIoU per seed, and
+    pipelines then finds them cached. Returns the cells, the warmup teacher's val mIoU per sample, and
     the wall time in seconds."""
     from pipeline.orchestration.orchestrate import run_pipeline
 
     started = time.perf_counter()
-    planned = cell_configs(base, seeds, epochs, steps, variants)
+    planned = cell_configs(base, samples, epochs, steps, variants)
     if jobs > 1:
         run_side_by_side(planned, runs, jobs, target or [])
     cells = {name: Cell(name) for name in variants or VARIANTS}
-    warmup: dict[int, float] = {}
+    warmup: dict[Sample, float] = {}
     for name, seed, config in planned:
-        say(f"== {name}, seed {seed}")
+        say(f"== {name}, {column(seed)}")
         t0 = time.perf_counter()
         result = run_pipeline(config, runs, backend)
         evaluate, teacher, train = (
@@ -379,28 +412,43 @@ def rows_suffix(variants) -> str:
 
 def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, backend, *, jobs: int,
                 local: bool, ray_address: str | None, tracking_uri: str | None, variants: tuple[str, ...] | None,
-                docs: Path) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
+                docs: Path, synth_seeds: Sequence[int] = ()) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
     """``s4mim quality``: every cell (of ``variants``, else all) trained at one budget (the preset's unless
-    given), then the results table and charts written into ``docs``. Returns the cells, the table's path
-    and the charts'."""
+    given) on ``base``'s data, or pooled over the datasets of several ``synth_seeds``, then the results table
+    and charts written into ``docs``. Returns the cells, the table's path and the charts'."""
     from pipeline.tracking.runs import git_sha
 
     epochs = epochs or base.train.epochs
     steps = steps or base.train.steps_per_epoch or 90
     target = runs_target(base, jobs, local, ray_address, tracking_uri)
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
-    cells, warmup, wall = run_quality(base, seeds, epochs, steps, runs, backend, jobs=jobs, target=target,
+    columns = samples(synth_seeds or [base.data.synth_seed], seeds)
+    cells, warmup, wall = run_quality(base, columns, epochs, steps, runs, backend, jobs=jobs, target=target,
                                       variants=variants)  # fmt: skip
-    return cells, *write_results(base, cells, seeds, epochs, steps, wall, warmup, docs, sha)
+    return cells, *write_results(base, cells, columns, epochs, steps, wall, warmup, docs, sha)
 
 
-def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, steps: int, wall: float, command: str,
-                     sha: str, warmup_miou: dict[int, float], charts: Sequence[Path] = ()) -> str:  # fmt: skip
-    """The table's text; ``charts`` (the bar chart, then the learning curves where there are any) are
-    linked by name, beside the table."""
-    data = f"`{base.data.dataset}`" + (
-        f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
-    )
+def results_markdown(base, cells: list[Cell], seeds: Sequence[Sample], epochs: int, steps: int, wall: float,
+                     command: str, sha: str, warmup_miou: dict[Sample, float],
+                     charts: Sequence[Path] = ()) -> str:  # fmt: skip
+    """The table's text, one column per sample (``seeds``: training seeds, or (generator seed, training seed)
+    pairs pooled over held-out datasets); ``charts`` (the bar chart, then the learning curves where there
+    are any) are linked by name, beside the table."""
+    unit = _unit(seeds)
+    synths = sorted({sample[0] for sample in seeds if isinstance(sample, tuple)})
+    if synths:
+        data = f"`{base.data.dataset}` generated with seeds {_listed(synths)} (held out, pooled)"
+        varies = (
+            "Each column is one (generator seed, training seed) pair: the generator seed makes the dataset, "
+            "the training seed the model initialisation, sampling and augmentation; the labeled split"
+        )
+        fixed = "is drawn from each dataset the same way"
+    else:
+        data = f"`{base.data.dataset}`" + (
+            f" generated with seed {base.data.synth_seed} (held out)" if base.data.synth_seed else ""
+        )
+        varies = "Seeds change model initialisation, sampling and augmentation; the labeled split"
+        fixed = "and the data are fixed"
     what = "the baselines" if {cell.variant for cell in cells} <= set(BASELINES) else "the S4MIM ablation"
     lines = [
         f"# Results: {what} on {data} at {base.data.split} labels",
@@ -410,15 +458,15 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         "",
         f"Every row trains the `{base.preset}` model for the same budget: {epochs} epochs of {steps} steps "
         f"(batch {base.data.batch_size} labeled + {base.data.batch_size} unlabeled images a step) from the same "
-        "warmup teacher of its seed, with the preset's recipe; only the loss terms differ. `supervised "
+        f"warmup teacher of its {unit}, with the preset's recipe; only the loss terms differ. `supervised "
         "(step-matched)` spends the same steps on the labeled images alone; `supervised (epoch-matched)` makes as "
         "many passes over the labeled images as the others make over the unlabeled ones, as the published "
-        "supervised baselines do (fewer steps). Seeds change model initialisation, sampling and augmentation; "
-        f"the labeled split ({base.data.split} of the train images, class-aware draw, split seed "
-        f"{base.data.split_seed}) and the data are fixed. Scores are val mIoU (evaluation mode "
+        "supervised baselines do (fewer steps). "
+        f"{varies} ({base.data.split} of the train images, class-aware draw, split seed "
+        f"{base.data.split_seed}) {fixed}. Scores are val mIoU (evaluation mode "
         f"`{base.eval.mode}`) of each run's best checkpoint.",
         "",
-        "| variant | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "| variant | mean ± std | " + " | ".join(column(s) for s in seeds) + " |",
         "|---|---:|" + "---:|" * len(seeds),
     ]
     for cell in cells:
@@ -433,7 +481,7 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
         )
     lines += _paired_table(cells, seeds)
     if any(cell.final for cell in cells):
-        header = "| variant | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
+        header = "| variant | mean ± std | " + " | ".join(column(s) for s in seeds) + " |"
         lines += ["", "The same runs after their last epoch (the table above scores each run's best epoch, which can "
                   "favour an early peak):", "", header, "|---|---:|" + "---:|" * len(seeds)]  # fmt: skip
         for cell in cells:
@@ -445,18 +493,24 @@ def results_markdown(base, cells: list[Cell], seeds: list[int], epochs: int, ste
     with_iou = [cell for cell in cells if cell.iou]
     if with_iou:
         classes = list(next(iter(with_iou[0].iou.values())))
-        lines += ["", "Per-class IoU of the best checkpoints, mean over seeds:", "",
+        lines += ["", f"Per-class IoU of the best checkpoints, mean over {unit}s:", "",
                   "| class | " + " | ".join(cell.variant for cell in with_iou) + " |",
                   "|---|" + "---:|" * len(with_iou)]  # fmt: skip
         for name in classes:
             lines.append(f"| {name} | " + " | ".join(f"{cell.class_mean(name):.1f}" for cell in with_iou) + " |")
-    lines += _diagnostics_table(cells)
+    lines += _diagnostics_table(cells, unit)
     if charts:
         lines += ["", f"![val mIoU per variant]({charts[0].name})", ""]
     if len(charts) > 1:
-        lines += ["Val mIoU during the train stage, mean over seeds (shaded: min to max):", "",
+        lines += [f"Val mIoU during the train stage, mean over {unit}s (shaded: min to max):", "",
                   f"![learning curves]({charts[1].name})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _listed(values: Sequence) -> str:
+    """1, 2 and 3."""
+    words = [str(value) for value in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def last_quarter_diagnostics(history: list[dict]) -> dict[str, float]:
@@ -469,9 +523,9 @@ def last_quarter_diagnostics(history: list[dict]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def _diagnostics_table(cells: list[Cell]) -> list[str]:
+def _diagnostics_table(cells: list[Cell], unit: str = "seed") -> list[str]:
     """Mask ratio, pseudo-label accuracy and each term's weighted gradient norm on the encoder, over the last
-    quarter of training, mean over seeds: for the variants that log them (not the supervised ones)."""
+    quarter of training, mean over seeds (or pairs): for the variants that log them (not the supervised ones)."""
     rows = {}
     for cell in cells:
         per_seed = [last_quarter_diagnostics(history) for history in cell.history.values() if history]
@@ -482,8 +536,8 @@ def _diagnostics_table(cells: list[Cell]) -> list[str]:
         return []
     keys = sorted({key for row in rows.values() for key in row}, key=_diagnostic_order)
     names = [key.removeprefix("train/") for key in keys]
-    lines = ["", "Diagnostics over the last quarter of training, mean over seeds: the share of unlabeled pixels above "
-             "the confidence threshold, how often the pseudo labels are right (all pixels, confident ones), and "
+    lines = ["", f"Diagnostics over the last quarter of training, mean over {unit}s: the share of unlabeled pixels "
+             "above the confidence threshold, how often the pseudo labels are right (all pixels, confident ones), and "
              "each loss term's weighted gradient norm on the encoder:", "",
              "| variant | " + " | ".join(names) + " |", "|---|" + "---:|" * len(keys)]  # fmt: skip
     for variant, row in rows.items():
@@ -507,13 +561,14 @@ def paired_differences(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     return pairs + [(cell, unimatch) for cell in cells if cell.variant not in BASELINES]
 
 
-def _paired_table(cells: list[Cell], seeds: list[int]) -> list[str]:
+def _paired_table(cells: list[Cell], seeds: Sequence[Sample]) -> list[str]:
     pairs = paired_differences(cells)
     if not pairs:
         return []
-    lines = ["", "Paired differences, seed by seed (the same seed shares its teacher, sampling and augmentation), "
-             "of the best checkpoints and, in the last column, after the last epoch:", "",
-             "| difference | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " | seeds above 0 | "
+    unit = _unit(seeds)
+    lines = ["", f"Paired differences, {unit} by {unit} (the same {unit} shares its teacher, sampling and "
+             "augmentation), of the best checkpoints and, in the last column, after the last epoch:", "",
+             "| difference | mean ± std | " + " | ".join(column(s) for s in seeds) + f" | {unit}s above 0 | "
              "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|"]  # fmt: skip
     for cell, reference in pairs:
         best = {s: cell.miou[s] - reference.miou[s] for s in seeds if s in cell.miou and s in reference.miou}
@@ -538,7 +593,7 @@ def _machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {device}"
 
 
-def bar_chart(cells: list[Cell], title: str, out: Path) -> None:
+def bar_chart(cells: list[Cell], title: str, out: Path, unit: str = "seed") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -553,7 +608,7 @@ def bar_chart(cells: list[Cell], title: str, out: Path) -> None:
     ax.set_ylabel("val mIoU (%)")
     low = min(min(c.miou.values()) for c in cells)
     ax.set_ylim(max(0, low - 5), max(max(c.miou.values()) for c in cells) + 3)
-    ax.set_title(f"{title}: mean ± std over seeds (dots: seeds)", fontsize=9)
+    ax.set_title(f"{title}: mean ± std over {unit}s (dots: {unit}s)", fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
@@ -613,8 +668,9 @@ def with_budget(base, epochs: int, steps: int):
     return base.model_copy(update={"train": base.train.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})})
 
 
-def results_path(base, docs: Path, variants=None) -> Path:
-    """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data;
+def results_path(base, docs: Path, variants=None, synth_seeds: Sequence[int] = ()) -> Path:
+    """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data
+    (results-synth3_4.md for the table that pools several ``synth_seeds``);
     the testbed regime adds -testbed, a table of some of the variants its rows (``rows_suffix``: -baselines,
     -only_cmim_s4mim), a split other than 1/8 its fraction
     (results-testbed-1_16.md), an initialisation other than none its name (-standin), and each knob set
@@ -636,8 +692,9 @@ def results_path(base, docs: Path, variants=None) -> Path:
         knobs = "set_" + hashlib.sha256("\n".join(changed).encode()).hexdigest()[:8]
     if knobs:
         name += "-" + knobs
-    if base.data.synth_seed:
-        name += f"-synth{base.data.synth_seed}"
+    synth_seeds = list(synth_seeds) or [base.data.synth_seed]
+    if synth_seeds != [0]:
+        name += "-synth" + "_".join(str(seed) for seed in synth_seeds)
     return docs / f"{name}.md"
 
 
@@ -660,11 +717,12 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     from pipeline.training.pictures import has_matplotlib
 
     command = reproducing_command(base, sys.argv[1:])
-    path = results_path(with_budget(base, epochs, steps), docs, [cell.variant for cell in cells])
+    synth_seeds = sorted({sample[0] for sample in seeds if isinstance(sample, tuple)})
+    path = results_path(with_budget(base, epochs, steps), docs, [cell.variant for cell in cells], synth_seeds)
     charts = []
     if has_matplotlib():
         charts.append(path.with_suffix(".png"))
-        bar_chart(cells, base.preset, charts[-1])
+        bar_chart(cells, base.preset, charts[-1], _unit(seeds))
         if any(cell.curve for cell in cells):
             charts.append(path.with_name(path.stem + "-curves.png"))
             curves_chart(cells, base.preset, charts[-1])

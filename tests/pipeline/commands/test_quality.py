@@ -231,6 +231,59 @@ def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, ti
     assert code == 2 and "--synth-seed" in err
 
 
+def test_a_pooled_table_has_a_column_per_generator_and_training_seed_pair(tiny_config):
+    from pipeline.commands.quality import cell_configs, results_path, samples
+
+    pairs = samples([3, 4], [0, 1])
+    assert pairs == [(3, 0), (3, 1), (4, 0), (4, 1)] and samples([3], [0, 1]) == [0, 1]
+    runs = cell_configs(tiny_config("data.synth_seed=3"), pairs, 1, 2, ["unimatch"])
+    assert [(c.data.synth_seed, c.seed) for _, _, c in runs] == pairs  # each pair its own data and seed
+    alone = cell_configs(tiny_config("data.synth_seed=4"), [1], 1, 2, ["unimatch"])
+    assert alone[0][2] == runs[-1][2]  # the runs of the single-dataset table: a pooled table finds them cached
+    cells = [
+        Cell("supervised (step-matched)", {(3, 0): 60.0, (3, 1): 61.0, (4, 0): 50.0, (4, 1): 52.0}),
+        Cell("unimatch", {(3, 0): 62.0, (3, 1): 60.0, (4, 0): 54.0, (4, 1): 55.0}),
+    ]
+    text = results_markdown(tiny_config("data.synth_seed=3"), cells, pairs, 1, 2, 60.0, "q", "abc", {(3, 0): 40.0})
+    assert "generated with seeds 3 and 4 (held out, pooled)" in text
+    assert "| variant | mean ± std | data 3 seed 0 | data 3 seed 1 | data 4 seed 0 | data 4 seed 1 |" in text
+    assert "| unimatch | 57.75 ± 3.86 | 62.00 | 60.00 | 54.00 | 55.00 |" in text
+    # every pair counts once: +2, -1, +4, +3 -> mean +2.00, 3 of 4 above 0
+    assert "| unimatch − supervised (step-matched) | +2.00 ± 2.16 | +2.00 | -1.00 | +4.00 | +3.00 | 3 of 4 |" in text
+    assert "pairs above 0" in text and "| 40.00 | - | - | - |" in text
+    assert results_path(tiny_config(), Path("d"), None, [3, 4]).name.endswith("-synth3_4.md")
+    assert results_path(tiny_config("data.synth_seed=3"), Path("d")).name.endswith("-synth3.md")
+
+
+def test_quality_pools_held_out_datasets_in_one_table(capsys, runs, tmp_path):
+    """--synth-seed 3 --synth-seed 4: each dataset in its own default folder, one warmup and run per pair, and
+    one table whose columns are the pairs."""
+    from data_prep.shapes import synthesize
+    from tests.conftest import TINY_SHAPES
+
+    for seed in (3, 4):  # tiny stand-ins for the held-out datasets, where quality looks for them
+        synthesize(tmp_path / "data" / f"shapes-seed{seed}", seed=seed, settings=TINY_SHAPES)
+    docs = tmp_path / "docs"
+    sets = [arg for o in TINY_WITHOUT_BUDGET for arg in ("--set", o)]
+    args = ["quality", "--regime", "short", "--local", "--seeds", "0", "--epochs", "1", "--steps", "2",
+            "--variant", "unimatch", "--synth-seed", "4", "--synth-seed", "3", "--docs", str(docs), *sets]  # fmt: skip
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, err
+    (table,) = docs.glob("*.md")
+    assert table.stem.endswith("-synth3_4"), table
+    text = table.read_text()
+    assert re.search(r"\| unimatch \| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \|\n", text), text
+    assert "| data 3 seed 0 | data 4 seed 0 |" in text
+    manifests = sorted(path.name for path in (runs / "manifests").iterdir())
+    assert len(manifests) == 2 and len(list(runs.glob("stages/*/warmup-*"))) == 2  # one per dataset
+    # Development data is never pooled with held-out data, and one data root cannot hold two datasets.
+    code, _, err = run_main(capsys, "quality", "--local", "--synth-seed", "0", "--synth-seed", "3")
+    assert code == 2 and "development data" in err
+    code, _, err = run_main(capsys, "quality", "--local", "--synth-seed", "3", "--synth-seed", "4",
+                            "--data-root", str(tmp_path / "data" / "shapes-seed3"))  # fmt: skip
+    assert code == 2 and "holds one generated dataset" in err
+
+
 def test_rows_that_share_their_stages_train_them_once(runs, tiny_config, monkeypatch):
     """With mim.weight=0 the plain-MIM and CMIM rows read the same settings: one process trains their stage."""
     from pipeline.commands import quality
