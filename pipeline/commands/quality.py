@@ -16,7 +16,8 @@ kept so that the tables made with it can be made again.
 Generator seed 0 is the development data on which every setting is chosen; other seeds generate
 held-out datasets of the same design, for confirming those choices. Each writes its own table:
 ``results-testbed-1_32.md`` for seed 0, ``results-testbed-1_32-synth<N>.md`` for the others
-(``results.md`` and ``results-synth<N>.md`` in the short regime). Several held-out generator seeds
+(``results-short.md`` and ``results-short-synth<N>.md`` in the short regime; docs/results.md is the
+written report that draws on them). Several held-out generator seeds
 given at once pool into one table (``-synth3_4``) whose columns are the (generator seed, training
 seed) pairs: the means, the paired differences and the pairs won count every pair once.
 
@@ -83,6 +84,11 @@ def preset_for(split: str | None = None, regime: str = DEFAULT_REGIME) -> str:
     if split not in fractions:
         raise UsageError(f"--split {split}: the {regime} regime has {', '.join(fractions)}")
     return f"{REGIMES[regime]}-{split}"
+
+
+def regime_of(preset: str) -> str | None:
+    """The regime whose presets ``preset`` is one of (shapes-1/8: short, shapes48-1/32: testbed), else None."""
+    return next((regime for regime, prefix in REGIMES.items() if preset.startswith(prefix + "-")), None)
 
 
 # A column of a table: a training seed on one dataset, or a (generator seed, training seed) pair in a table
@@ -669,17 +675,14 @@ def with_budget(base, epochs: int, steps: int):
 
 
 def results_path(base, docs: Path, variants=None, synth_seeds: Sequence[int] = ()) -> Path:
-    """docs/results.md on the development data (generator seed 0), docs/results-synth<N>.md on held-out data
-    (results-synth3_4.md for the table that pools several ``synth_seeds``);
-    the testbed regime adds -testbed, a table of some of the variants its rows (``rows_suffix``: -baselines,
-    -only_cmim_s4mim), a split other than 1/8 its fraction
+    """docs/results-<regime>.md on the development data (generator seed 0), docs/results-<regime>-synth<N>.md
+    on held-out data (-synth3_4 for the table that pools several ``synth_seeds``); a table of some of the
+    variants adds its rows (``rows_suffix``: -baselines, -only_cmim_s4mim), a split other than 1/8 its fraction
     (results-testbed-1_16.md), an initialisation other than none its name (-standin), and each knob set
     away from the preset its key and value (results-testbed-1_32-smim_pixels_visible.md), so that a knob
     trial never overwrites the table of the defaults."""
-    name = "results"
-    if base.preset.startswith(REGIMES["testbed"] + "-"):
-        name += "-testbed"
-    name += rows_suffix(variants)
+    regime = regime_of(base.preset)
+    name = "results" + (f"-{regime}" if regime else "") + rows_suffix(variants)
     if base.data.split != "1/8":
         name += "-" + base.data.split.replace("/", "_")
     if base.model.init != "none":  # a pretrained backbone is another cell: results-testbed-baselines-1_32-standin.md
@@ -703,7 +706,7 @@ def reproducing_command(base, argv: list[str]) -> str:
     the split spelled out, so that it still names the same runs after a default changes."""
     args = argv[1:] if argv[:1] == ["quality"] else ["--jobs", "2"]
     if not any(a == "--regime" or a.startswith("--regime=") for a in args):
-        regime = next((r for r, prefix in REGIMES.items() if base.preset.startswith(prefix + "-")), None)
+        regime = regime_of(base.preset)
         args += ["--regime", regime] if regime else []
     if not any(a == "--split" or a.startswith(("--split=", "data.split=")) for a in args):
         args += ["--split", base.data.split]

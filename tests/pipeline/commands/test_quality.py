@@ -23,7 +23,7 @@ def _tiny_stem(preset: str, tiny_shapes: Path, baselines: bool = False) -> str:
     budget = ["train.epochs=1", "train.steps_per_epoch=2"]  # the tests' --epochs 1 --steps 2
     config = load_preset(preset, [*TINY_WITHOUT_BUDGET, f'data.root="{tiny_shapes}"', *budget])
     stem = results_path(config, Path("."), BASELINES if baselines else None).stem
-    assert re.fullmatch(r"results(-testbed)?(-baselines)?-1_4-set_[0-9a-f]{8}", stem), stem
+    assert re.fullmatch(r"results-(short|testbed)(-baselines)?-1_4-set_[0-9a-f]{8}", stem), stem
     return stem
 
 
@@ -217,9 +217,9 @@ def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, ti
         return load_preset("shapes-1/8", list(extra))
 
     docs = tmp_path / "docs"
-    assert results_path(config(), docs) == docs / "results.md"
-    assert results_path(config("data.synth_seed=2"), docs) == docs / "results-synth2.md"
-    assert results_path(config("data.split=1/16", "data.synth_seed=1"), docs) == docs / "results-1_16-synth1.md"
+    assert results_path(config(), docs) == docs / "results-short.md"
+    assert results_path(config("data.synth_seed=2"), docs) == docs / "results-short-synth2.md"
+    assert results_path(config("data.split=1/16", "data.synth_seed=1"), docs) == docs / "results-short-1_16-synth1.md"
     # The tiny dataset was generated with seed 0: asking for held-out seed 1 on it is refused before any run.
     sets = ["--set", f'data.root="{tiny_shapes}"']
     code, _, err = run_main(capsys, "quality", "--local", "--synth-seed", "1", "--docs", str(docs), *sets)
