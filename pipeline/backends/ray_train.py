@@ -67,6 +67,9 @@ def connect(address: str | None = None) -> str:
     host, so that nobody else's cluster can take the run down with it; ``--ray-address auto`` joins
     the cluster already running here. A local Ray starts with its dashboard: Ray Train's
     placement-group cleaner and Tune's release of stopped trials go through the state API it serves.
+    Those look for the API by the Ray running on this host, and fail when there are several (two
+    commands at once, or someone else's cluster beside this one): so the private Ray's dashboard gets a
+    port of its own choosing here, and every process of the cluster inherits its address.
     """
     import ray
 
@@ -75,12 +78,16 @@ def connect(address: str | None = None) -> str:
         return "connected"
     check_reachable(address)
     private = address in (None, "local")
+    options = {}
     if private:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
+        options["dashboard_port"] = _own_api_server()
+    elif API_SERVER in _exported and os.environ.get(API_SERVER) == _exported[API_SERVER]:
+        os.environ.pop(API_SERVER, None)  # the address of a private Ray this process started before
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a file, should Ray print itself
     try:
-        ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+        ray.init(address=address or "local", log_to_driver=True, configure_logging=False, **options)
     except ConnectionError as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
     retake_stop_signals()  # ray.init makes SIGTERM end the process at once; the command stops as on Ctrl-C
@@ -90,6 +97,19 @@ def connect(address: str | None = None) -> str:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     where = "local (private to this command)" if private else f"cluster at {ray.get_runtime_context().gcs_address}"
     return f"Ray {where}: {len(nodes)} node(s), {_describe(ray.cluster_resources())}"
+
+
+API_SERVER = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
+_exported: dict[str, str] = {}
+
+
+def _own_api_server() -> int:
+    """A free port for the private Ray's dashboard, whose address the processes it starts inherit."""
+    from pipeline.tracking.ui import free_port
+
+    port = free_port()
+    os.environ[API_SERVER] = _exported[API_SERVER] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def _describe(resources: dict) -> str:
