@@ -78,18 +78,22 @@ def connect(address: str | None = None) -> str:
         return "connected"
     check_reachable(address)
     private = address in (None, "local")
-    options = {}
     if private:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
-        options["dashboard_port"] = _own_api_server()
-    elif API_SERVER in _exported and os.environ.get(API_SERVER) == _exported[API_SERVER]:
-        os.environ.pop(API_SERVER, None)  # the address of a private Ray this process started before
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a file, should Ray print itself
     try:
-        ray.init(address=address or "local", log_to_driver=True, configure_logging=False, **options)
+        if private:
+            context = _start_private()
+        else:
+            context = ray.init(address=address, log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}; check --ray-address") from None
+    if not private:  # this process's own state API calls go to the cluster it joined, not to one it inherited
+        if context.dashboard_url:
+            os.environ[API_SERVER] = f"http://{context.dashboard_url}"
+        else:
+            os.environ.pop(API_SERVER, None)
     retake_stop_signals()  # ray.init makes SIGTERM end the process at once; the command stops as on Ctrl-C
     # Worker output still comes to this process (a line of the project's included), but is no longer
     # printed as Ray prints it: see pipeline.backends.worker_logs.
@@ -100,16 +104,25 @@ def connect(address: str | None = None) -> str:
 
 
 API_SERVER = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
-_exported: dict[str, str] = {}
 
 
-def _own_api_server() -> int:
-    """A free port for the private Ray's dashboard, whose address the processes it starts inherit."""
+def _start_private(attempts: int = 3):
+    """``ray.init`` of a private Ray whose dashboard listens on a free port of our choosing, set as
+    RAY_API_SERVER_ADDRESS before the node starts so that every process of the cluster inherits it.
+    Should another process take the port before the dashboard binds it, another port is tried."""
+    import ray
+
     from pipeline.tracking.ui import free_port
 
-    port = free_port()
-    os.environ[API_SERVER] = _exported[API_SERVER] = f"http://127.0.0.1:{port}"
-    return port
+    for attempt in range(attempts):
+        port = free_port()
+        os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+        try:
+            return ray.init(address="local", log_to_driver=True, configure_logging=False, dashboard_port=port)
+        except ValueError as exc:  # Ray's words for a dashboard port already taken
+            if "already occupied" not in str(exc) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
 
 
 def _describe(resources: dict) -> str:

@@ -428,6 +428,8 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
     steps = steps or base.train.steps_per_epoch or 90
     target = runs_target(base, jobs, local, ray_address, tracking_uri)
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
+    if len(synth_seeds) == 1:  # one dataset: the columns are training seeds on it
+        base = base.model_copy(update={"data": base.data.model_copy(update={"synth_seed": synth_seeds[0]})})
     columns = samples(synth_seeds or [base.data.synth_seed], seeds)
     cells, warmup, wall = run_quality(base, columns, epochs, steps, runs, backend, jobs=jobs, target=target,
                                       variants=variants)  # fmt: skip
@@ -681,8 +683,9 @@ def results_path(base, docs: Path, variants=None, synth_seeds: Sequence[int] = (
     (results-testbed-1_16.md), an initialisation other than none its name (-standin), and each knob set
     away from the preset its key and value (results-testbed-1_32-smim_pixels_visible.md), so that a knob
     trial never overwrites the table of the defaults."""
-    regime = regime_of(base.preset)
-    name = "results" + (f"-{regime}" if regime else "") + rows_suffix(variants)
+    # Never plain results.md, the written report: a preset of no regime is named instead.
+    regime = regime_of(base.preset) or re.sub(r"[^a-z0-9]+", "_", base.preset.lower())
+    name = f"results-{regime}{rows_suffix(variants)}"
     if base.data.split != "1/8":
         name += "-" + base.data.split.replace("/", "_")
     if base.model.init != "none":  # a pretrained backbone is another cell: results-testbed-baselines-1_32-standin.md

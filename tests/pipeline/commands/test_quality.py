@@ -149,6 +149,8 @@ def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
     assert matched["supervised (step-matched)"].train.match == "steps"
     assert {c.train.epochs * c.train.steps_per_epoch for c in matched.values()} == {20_000}
     assert results_path(base, Path("d"), BASELINES) == Path("d/results-testbed-baselines-1_16.md")
+    # A preset of no regime names its table after itself: never results.md, the written report.
+    assert results_path(load_preset("voc-1/8"), Path("d")) == Path("d/results-voc_1_8-imagenet.md")
     standin = load_preset("shapes48-1/32", ["model.init=standin"])
     assert results_path(standin, Path("d"), BASELINES) == Path("d/results-testbed-baselines-1_32-standin.md")
     knobs = load_preset("shapes48-1/32", ["smim.pixels=visible", "fa.weight=0.2", 'data.root="/elsewhere"'])
