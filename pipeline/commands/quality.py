@@ -558,15 +558,22 @@ def _diagnostic_order(key: str) -> tuple[int, str]:
     return (first.index(key), "") if key in first else (len(first), key)
 
 
+# Each S4MIM addition against the row it adds to: what the term itself changes.
+STEPS = (("unimatch + CMIM", "unimatch + plain MIM"), ("unimatch + CMIM + FA", "unimatch + CMIM"),
+         ("s4mim (CMIM + FA + SMIM)", "unimatch + CMIM + FA"))  # fmt: skip
+
+
 def paired_differences(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     """The (variant, reference) pairs the report differences seed by seed: unimatch against each supervised
-    protocol, and each S4MIM variant against unimatch."""
+    protocol, each S4MIM variant against unimatch, then each addition against the row it adds to (``STEPS``:
+    CMIM against plain MIM, FA against CMIM, SMIM against CMIM + FA)."""
     by_name = {cell.variant: cell for cell in cells}
     unimatch = by_name.get("unimatch")
     if unimatch is None:
         return []
     pairs = [(unimatch, by_name[name]) for name in BASELINES[:2] if name in by_name]
-    return pairs + [(cell, unimatch) for cell in cells if cell.variant not in BASELINES]
+    pairs += [(cell, unimatch) for cell in cells if cell.variant not in BASELINES]
+    return pairs + [(by_name[new], by_name[old]) for new, old in STEPS if new in by_name and old in by_name]
 
 
 def _paired_table(cells: list[Cell], seeds: Sequence[Sample]) -> list[str]:

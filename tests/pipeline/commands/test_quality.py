@@ -79,6 +79,19 @@ def test_results_table_differences_each_seed_against_its_reference(tiny_config):
     assert "| s4mim (CMIM + FA + SMIM) − unimatch | +0.00 ± 1.41 | +1.00 | - | -1.00 | 1 of 2 | - |" in text
 
 
+def test_each_addition_is_differenced_against_the_row_it_adds_to(tiny_config):
+    cells = [
+        Cell("unimatch", {0: 60.0, 1: 61.0}),
+        Cell("unimatch + plain MIM", {0: 62.0, 1: 60.0}),
+        Cell("unimatch + CMIM", {0: 63.0, 1: 62.0}),
+        Cell("s4mim (CMIM + FA + SMIM)", {0: 59.0, 1: 58.0}),  # no CMIM + FA row: no SMIM step
+    ]
+    text = results_markdown(tiny_config(), cells, [0, 1], 40, 500, 60.0, "s4mim quality", "abc", {})
+    assert "| unimatch + CMIM − unimatch + plain MIM | +1.50 ± 0.71 | +1.00 | +2.00 | 2 of 2 | - |" in text
+    assert "| unimatch + CMIM − unimatch | +2.00 ± 1.41 | +3.00 | +1.00 | 2 of 2 | - |" in text
+    assert "− unimatch + CMIM + FA |" not in text
+
+
 def test_without_matplotlib_the_table_is_written_without_charts(tiny_config, tmp_path, monkeypatch, capsys):
     from pipeline.commands.quality import write_results
 
