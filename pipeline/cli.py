@@ -627,6 +627,9 @@ def quality(
         ),
     ] = 1,
     docs: Annotated[Path, typer.Option(help="Folder for the results table and chart.")] = Path("docs"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List each run of the table, cached or to train; run nothing.")
+    ] = False,
     set_: SetOpt = None,
     data_root: DataRootOpt = None,
     ray_address: RayAddressOpt = None,
@@ -654,6 +657,12 @@ def quality(
     if len(synth_seeds) > 1 and base.data.root:
         raise UsageError(f"data.root {base.data.root} holds one generated dataset: pool several --synth-seed values "
                          "in their default folders ($S4MIM_DATA/shapes-seed<N>), without --data-root")  # fmt: skip
+    if dry_run:
+        from pipeline.commands.quality import dry_run_lines
+
+        lines = dry_run_lines(base, seeds, epochs, steps, runs, variants=variants, synth_seeds=synth_seeds)
+        typer.echo("\n".join(lines))
+        return
     backend = _backend(base, runs, ray_address, tracking_uri, local)
     cells, path, charts = run_command(
         base, seeds, epochs, steps, runs, backend, jobs=jobs, local=local, ray_address=ray_address,

@@ -416,6 +416,40 @@ def rows_suffix(variants) -> str:
     return "-only_" + "_".join(key.replace("-", "") for key in keys)
 
 
+def _table_plan(base, seeds: list[int], epochs: int | None, steps: int | None, synth_seeds: Sequence[int]):
+    """The base config, the columns and the budget (the preset's unless given) of a table."""
+    epochs = epochs or base.train.epochs
+    steps = steps or base.train.steps_per_epoch or 90
+    if len(synth_seeds) == 1:  # one dataset: the columns are training seeds on it
+        base = base.model_copy(update={"data": base.data.model_copy(update={"synth_seed": synth_seeds[0]})})
+    return base, samples(synth_seeds or [base.data.synth_seed], seeds), epochs, steps
+
+
+def dry_run_lines(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, *,
+                  variants: tuple[str, ...] | None, synth_seeds: Sequence[int] = ()) -> list[str]:  # fmt: skip
+    """``s4mim quality --dry-run``: each run of the table, cached (with its val mIoU) or to train (the stages
+    left, and whether an interrupted one resumes), then a count. Reads the stage cache; writes nothing."""
+    from pipeline.orchestration.orchestrate import plan
+
+    base, columns, epochs, steps = _table_plan(base, seeds, epochs, steps, synth_seeds)
+    lines, left, warmups = [], 0, set()
+    planned = cell_configs(base, columns, epochs, steps, variants)
+    for name, sample, config in planned:
+        statuses = plan(config, runs, [])
+        todo = [s for s in statuses if s.status != "cached" and s.name != "prepare"]
+        if not todo:
+            miou = next(s.miou for s in statuses if s.name == "evaluate")
+            lines.append(f"   cached:   {name}, {column(sample)} (val mIoU {miou:.2f})")
+            continue
+        left += 1
+        warmups.update(str(s.folder or (config.data.synth_seed, config.seed)) for s in todo if s.name == "warmup")
+        stages = ", ".join(s.name + (" (resumes)" if s.detail == "resumes" else "") for s in todo)
+        lines.append(f"   to train: {name}, {column(sample)}: {stages}")
+    head = (f"{len(planned)} runs of {epochs} epochs of {steps} steps: {len(planned) - left} cached, {left} to train"
+            + (f" ({len(warmups)} warmup(s) first)" if warmups else ""))  # fmt: skip
+    return [head, *lines]
+
+
 def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, backend, *, jobs: int,
                 local: bool, ray_address: str | None, tracking_uri: str | None, variants: tuple[str, ...] | None,
                 docs: Path, synth_seeds: Sequence[int] = ()) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
@@ -424,13 +458,9 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
     and charts written into ``docs``. Returns the cells, the table's path and the charts'."""
     from pipeline.tracking.runs import git_sha
 
-    epochs = epochs or base.train.epochs
-    steps = steps or base.train.steps_per_epoch or 90
+    base, columns, epochs, steps = _table_plan(base, seeds, epochs, steps, synth_seeds)
     target = runs_target(base, jobs, local, ray_address, tracking_uri)
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
-    if len(synth_seeds) == 1:  # one dataset: the columns are training seeds on it
-        base = base.model_copy(update={"data": base.data.model_copy(update={"synth_seed": synth_seeds[0]})})
-    columns = samples(synth_seeds or [base.data.synth_seed], seeds)
     cells, warmup, wall = run_quality(base, columns, epochs, steps, runs, backend, jobs=jobs, target=target,
                                       variants=variants)  # fmt: skip
     return cells, *write_results(base, cells, columns, epochs, steps, wall, warmup, docs, sha)

@@ -141,6 +141,11 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     # every variant ran as its own pipeline: a train stage each, one shared warmup
     stages = runs / "stages" / "shapes-1_8"
     assert len(list(stages.glob("train-*"))) == len(VARIANTS) and len(list(stages.glob("warmup-*"))) == 1
+    # --dry-run reads the same cache: every run of the table is found, nothing is trained
+    code, out, err = run_main(capsys, *args, "--dry-run")
+    assert code == 0, err
+    assert f"{len(VARIANTS)} runs of 1 epochs of 2 steps: {len(VARIANTS)} cached, 0 to train" in out
+    assert re.search(r"cached: +unimatch, seed 0 \(val mIoU \d+\.\d\d\)", out), out
 
 
 def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
@@ -221,6 +226,17 @@ def test_a_term_weight_set_for_quality_reaches_the_variants_that_train_the_term(
     assert weights["s4mim (CMIM + FA + SMIM)"] == (0.3, 0.25)
     assert weights["unimatch + CMIM + FA"] == (0.3, 0)
     assert weights["unimatch + CMIM"] == weights["unimatch + plain MIM"] == (0, 0)
+
+
+def test_a_dry_run_lists_the_runs_to_train_and_writes_nothing(capsys, runs, tiny_shapes, tmp_path):
+    sets = [arg for o in [*TINY_WITHOUT_BUDGET, f'data.root="{tiny_shapes}"'] for arg in ("--set", o)]
+    args = ["quality", "--regime", "short", "--local", "--seeds", "0", "--seeds", "1", "--epochs", "1",
+            "--steps", "2", "--variant", "s4mim", "--docs", str(tmp_path / "docs"), "--dry-run", *sets]  # fmt: skip
+    code, out, err = run_main(capsys, *args)
+    assert code == 0, err
+    assert "4 runs of 1 epochs of 2 steps: 0 cached, 4 to train (2 warmup(s) first)" in out
+    assert "to train: s4mim (CMIM + FA + SMIM), seed 1: warmup, train, evaluate" in out
+    assert not runs.exists() and not (tmp_path / "docs").exists()
 
 
 def test_held_out_data_gets_its_own_table_and_is_never_mixed_up(capsys, runs, tiny_shapes, tmp_path):
