@@ -630,6 +630,14 @@ def quality(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List each run of the table, cached or to train; run nothing.")
     ] = False,
+    trial: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trial",
+            help="A knob under trial, key=value as --set (repeatable): the table also sets each row it changes "
+            "against the same row without it, where the stage cache holds that run.",
+        ),
+    ] = None,
     set_: SetOpt = None,
     data_root: DataRootOpt = None,
     ray_address: RayAddressOpt = None,
@@ -651,9 +659,12 @@ def quality(
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     check_overrides(set_ or [])
+    check_overrides(trial or [], "--trial")
     variants = chosen_variants(variant or [], baselines)
     runs = _runs()
-    base = _config(preset_for(split, regime), [*(set_ or []), f"data.synth_seed={synth_seeds[0]}"], data_root)
+    context = [*(set_ or []), f"data.synth_seed={synth_seeds[0]}"]
+    base = _config(preset_for(split, regime), [*context, *(trial or [])], data_root)
+    without = _config(preset_for(split, regime), context, data_root) if trial else None
     if len(synth_seeds) > 1 and base.data.root:
         raise UsageError(f"data.root {base.data.root} holds one generated dataset: pool several --synth-seed values "
                          "in their default folders ($S4MIM_DATA/shapes-seed<N>), without --data-root")  # fmt: skip
@@ -666,7 +677,8 @@ def quality(
     backend = _backend(base, runs, ray_address, tracking_uri, local)
     cells, path, charts = run_command(
         base, seeds, epochs, steps, runs, backend, jobs=jobs, local=local, ray_address=ray_address,
-        tracking_uri=tracking_uri, variants=variants, docs=docs, synth_seeds=synth_seeds,
+        tracking_uri=tracking_uri, variants=variants, docs=docs, synth_seeds=synth_seeds, trial=trial or [],
+        without=without,
     )  # fmt: skip
     for cell in cells:
         typer.echo(f"{cell.variant:<28} {cell.mean:6.2f} ± {cell.std:.2f}")

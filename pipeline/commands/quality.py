@@ -5,7 +5,7 @@
     s4mim quality --synth-seed 3         # on held-out data: shapes generated with seed 3
     s4mim quality --synth-seed 3 --synth-seed 4   # both held-out datasets, pooled in one table
     s4mim quality --baselines --split 1/16   # the baselines alone at 1/16 labels
-    s4mim quality --set smim.view=weak --variant s4mim   # a knob trial: its rows (and unimatch) only
+    s4mim quality --trial smim.view=weak --variant s4mim   # a knob trial: its rows (and unimatch) only
     s4mim quality --regime short         # the short regime (shapes-* presets) of the first tables
 
 Two regimes: ``testbed`` (the default), the ``shapes48-*`` presets trained to convergence, 20,000
@@ -336,9 +336,9 @@ def run_quality(base, samples: Sequence[Sample], epochs: int, steps: int, runs: 
     return list(cells.values()), warmup, time.perf_counter() - started
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """``--set`` may not change what quality sets for each run; a term's weight it may, for the variants
-    that train the term."""
+def check_overrides(overrides: list[str], option: str = "--set") -> None:
+    """``--set`` (or ``--trial``: ``option``) may not change what quality sets for each run; a term's weight
+    it may, for the variants that train the term."""
     from pipeline.config.schema import parse_override
     from pipeline.errors import UsageError
 
@@ -351,12 +351,12 @@ def check_overrides(overrides: list[str]) -> None:
             if key in TERM_WEIGHTS and not _positive(value):
                 term = TERM_WEIGHTS[key]
                 raise UsageError(
-                    f"--set {key}={value}: the variants without {term} already run with it off; "
+                    f"{option} {key}={value}: the variants without {term} already run with it off; "
                     f"give a positive weight for the variants that train {term}"
                 )
             if key in CONTROLLED:
                 raise UsageError(
-                    f"--set {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"
+                    f"{option} {key}: quality sets it for each run; use --seeds, --epochs, --steps or --synth-seed"
                 )
 
 
@@ -452,10 +452,13 @@ def dry_run_lines(base, seeds: list[int], epochs: int | None, steps: int | None,
 
 def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, runs: Path, backend, *, jobs: int,
                 local: bool, ray_address: str | None, tracking_uri: str | None, variants: tuple[str, ...] | None,
-                docs: Path, synth_seeds: Sequence[int] = ()) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
+                docs: Path, synth_seeds: Sequence[int] = (), trial: Sequence[str] = (),
+                without=None) -> tuple[list[Cell], Path, list[Path]]:  # fmt: skip
     """``s4mim quality``: every cell (of ``variants``, else all) trained at one budget (the preset's unless
     given) on ``base``'s data, or pooled over the datasets of several ``synth_seeds``, then the results table
-    and charts written into ``docs``. Returns the cells, the table's path and the charts'."""
+    and charts written into ``docs``. For a knob trial (``trial``, the ``--trial`` overrides) ``without`` is
+    the config without them, whose runs of the same rows the table sets the trial's against. Returns the
+    cells, the table's path and the charts'."""
     from pipeline.tracking.runs import git_sha
 
     base, columns, epochs, steps = _table_plan(base, seeds, epochs, steps, synth_seeds)
@@ -463,12 +466,17 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
     cells, warmup, wall = run_quality(base, columns, epochs, steps, runs, backend, jobs=jobs, target=target,
                                       variants=variants)  # fmt: skip
-    return cells, *write_results(base, cells, columns, epochs, steps, wall, warmup, docs, sha)
+    reference = []
+    if without is not None:  # a knob trial: the same rows without its knobs, from the cache
+        without, _, _, _ = _table_plan(without, seeds, epochs, steps, synth_seeds)
+        reference = reference_cells(base, without, columns, epochs, steps, runs, variants)
+    return cells, *write_results(base, cells, columns, epochs, steps, wall, warmup, docs, sha, reference, trial)
 
 
 def results_markdown(base, cells: list[Cell], seeds: Sequence[Sample], epochs: int, steps: int, wall: float,
                      command: str, sha: str, warmup_miou: dict[Sample, float],
-                     charts: Sequence[Path] = ()) -> str:  # fmt: skip
+                     charts: Sequence[Path] = (), reference: Sequence[Cell] = (),
+                     trial: Sequence[str] = ()) -> str:  # fmt: skip
     """The table's text, one column per sample (``seeds``: training seeds, or (generator seed, training seed)
     pairs pooled over held-out datasets); ``charts`` (the bar chart, then the learning curves where there
     are any) are linked by name, beside the table."""
@@ -518,6 +526,7 @@ def results_markdown(base, cells: list[Cell], seeds: Sequence[Sample], epochs: i
             f"| *(warmup teacher, the starting point)* | {statistics.mean(values):.2f} ± {spread:.2f} | {per_seed} |"
         )
     lines += _paired_table(cells, seeds)
+    lines += _against_reference(cells, reference, seeds, trial)
     if any(cell.final for cell in cells):
         header = "| variant | mean ± std | " + " | ".join(column(s) for s in seeds) + " |"
         lines += ["", "The same runs after their last epoch (the table above scores each run's best epoch, which can "
@@ -615,17 +624,40 @@ def _paired_table(cells: list[Cell], seeds: Sequence[Sample]) -> list[str]:
              "augmentation), of the best checkpoints and, in the last column, after the last epoch:", "",
              "| difference | mean ± std | " + " | ".join(column(s) for s in seeds) + f" | {unit}s above 0 | "
              "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|"]  # fmt: skip
-    for cell, reference in pairs:
-        best = {s: cell.miou[s] - reference.miou[s] for s in seeds if s in cell.miou and s in reference.miou}
-        last = [cell.final[s] - reference.final[s] for s in seeds if s in cell.final and s in reference.final]
-        if not best:
-            continue
-        per_seed = " | ".join(f"{best[s]:+.2f}" if s in best else "-" for s in seeds)
-        above = sum(value > 0 for value in best.values())
-        tail = f"{statistics.mean(last):+.2f} ± {_std(last):.2f}" if last else "-"
-        lines.append(f"| {cell.variant} − {reference.variant} | {statistics.mean(best.values()):+.2f} ± "
-                     f"{_std(best.values()):.2f} | {per_seed} | {above} of {len(best)} | {tail} |")  # fmt: skip
-    return lines
+    rows = [
+        _difference_row(f"{cell.variant} − {reference.variant}", cell, reference, seeds) for cell, reference in pairs
+    ]
+    return lines + [row for row in rows if row]
+
+
+def _difference_row(label: str, cell: Cell, reference: Cell, seeds: Sequence[Sample]) -> str | None:
+    """A row of paired differences: mean ± std, each sample, how many are above 0, and the last epoch's mean."""
+    best = {s: cell.miou[s] - reference.miou[s] for s in seeds if s in cell.miou and s in reference.miou}
+    last = [cell.final[s] - reference.final[s] for s in seeds if s in cell.final and s in reference.final]
+    if not best:
+        return None
+    per_seed = " | ".join(f"{best[s]:+.2f}" if s in best else "-" for s in seeds)
+    above = sum(value > 0 for value in best.values())
+    tail = f"{statistics.mean(last):+.2f} ± {_std(last):.2f}" if last else "-"
+    return (f"| {label} | {statistics.mean(best.values()):+.2f} ± {_std(best.values()):.2f} | {per_seed} | "
+            f"{above} of {len(best)} | {tail} |")  # fmt: skip
+
+
+def _against_reference(
+    cells: list[Cell], reference: Sequence[Cell], seeds: Sequence[Sample], knobs: Sequence[str]
+) -> list[str]:
+    """A knob trial's rows against the same variants without its ``knobs`` (``reference``), sample by sample."""
+    by_name = {cell.variant: cell for cell in reference}
+    rows = [_difference_row(f"{cell.variant}: with − without", cell, by_name[cell.variant], seeds)
+            for cell in cells if cell.variant in by_name]  # fmt: skip
+    rows = [row for row in rows if row]
+    if not rows:
+        return []
+    unit = _unit(seeds)
+    return ["", f"Against the same variant without {', '.join(f'`{k}`' for k in knobs)} (`--trial`; the rows that "
+            "do not read it are the same runs, and left out), from the stage cache:", "",
+            "| variant | mean ± std | " + " | ".join(column(s) for s in seeds) + f" | {unit}s above 0 | "
+            "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|", *rows]  # fmt: skip
 
 
 def _machine() -> str:
@@ -697,6 +729,29 @@ def _unnamed(key: str) -> bool:
     return any(key == u or (u.endswith(".") and key.startswith(u)) for u in UNNAMED)
 
 
+def reference_cells(base, reference, samples: Sequence[Sample], epochs: int, steps: int, runs: Path,
+                    variants=None) -> list[Cell]:  # fmt: skip
+    """For a knob trial (``base``), the same rows without the knobs (``reference``), as far as the stage cache
+    has them (nothing is trained), but for the rows whose runs the knobs leave the same."""
+    from pipeline.orchestration.orchestrate import plan
+
+    cells = {name: Cell(name) for name in variants or VARIANTS}
+    trial, plain = (
+        cell_configs(base, samples, epochs, steps, variants),
+        cell_configs(reference, samples, epochs, steps, variants),
+    )
+    for (name, sample, config), (_, _, without) in zip(trial, plain, strict=True):
+        statuses = {s.name: s for s in plan(without, runs, [])}
+        same = statuses["train"].folder == {s.name: s for s in plan(config, runs, [])}["train"].folder
+        if same or statuses["evaluate"].status != "cached":
+            continue
+        cells[name].miou[sample] = statuses["evaluate"].miou
+        final = statuses["train"].result.get("metrics", {}).get("val/miou")
+        if final is not None:
+            cells[name].final[sample] = final
+    return [cell for cell in cells.values() if cell.miou]
+
+
 def changed_knobs(base) -> list[str]:
     """``key=value`` of each setting of ``base`` that differs from its built-in preset's, but for ``UNNAMED``."""
     from pipeline.config.presets import BUILTIN, load_preset
@@ -753,9 +808,10 @@ def reproducing_command(base, argv: list[str]) -> str:
     return " ".join(["s4mim quality", *args])
 
 
-def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path,
-                  sha: str) -> tuple[Path, list[Path]]:  # fmt: skip
-    """Write the results table, and its bar chart and learning curves where matplotlib is installed.
+def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Path, sha: str,
+                  reference: Sequence[Cell] = (), trial: Sequence[str] = ()) -> tuple[Path, list[Path]]:  # fmt: skip
+    """Write the results table, and its bar chart and learning curves where matplotlib is installed; a knob
+    trial's table sets its rows against ``reference``, the same rows without the ``trial`` knobs.
     Returns the table's path and the charts'."""
     from pipeline.training.pictures import has_matplotlib
 
@@ -772,7 +828,8 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     else:
         warn("matplotlib is not installed: the table is written without its charts (pip install matplotlib, "
              "then run the same command again: every stage is cached)")  # fmt: skip
-    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, charts)
+    text = results_markdown(base, cells, seeds, epochs, steps, wall, command, sha, warmup_miou, charts, reference,
+                            trial)  # fmt: skip
     write_text(path, text + kept_notes(path))
     return path, charts
 

@@ -92,6 +92,17 @@ def test_each_addition_is_differenced_against_the_row_it_adds_to(tiny_config):
     assert "− unimatch + CMIM + FA |" not in text
 
 
+def test_a_knob_trial_is_set_against_the_same_rows_without_it(tiny_config):
+    cells = [Cell("unimatch", {0: 60.0, 1: 61.0}), Cell("s4mim (CMIM + FA + SMIM)", {0: 58.0, 1: 62.0})]
+    without = [Cell("s4mim (CMIM + FA + SMIM)", {0: 57.0, 1: 60.0}, final={0: 56.0, 1: 59.0})]
+    trial = ["smim.pixels=visible", "fa.weight=0.2"]
+    text = results_markdown(tiny_config(), cells, [0, 1], 40, 500, 60.0, "q", "abc", {}, reference=without,
+                            trial=trial)  # fmt: skip
+    assert "Against the same variant without `smim.pixels=visible`, `fa.weight=0.2` (`--trial`;" in text
+    assert "| s4mim (CMIM + FA + SMIM): with − without | +1.50 ± 0.71 | +1.00 | +2.00 | 2 of 2 | - |" in text
+    assert "with − without" not in results_markdown(tiny_config(), cells, [0, 1], 40, 500, 60.0, "q", "abc", {})
+
+
 def test_without_matplotlib_the_table_is_written_without_charts(tiny_config, tmp_path, monkeypatch, capsys):
     from pipeline.commands.quality import write_results
 
@@ -146,6 +157,13 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     assert code == 0, err
     assert f"{len(VARIANTS)} runs of 1 epochs of 2 steps: {len(VARIANTS)} cached, 0 to train" in out
     assert re.search(r"cached: +unimatch, seed 0 \(val mIoU \d+\.\d\d\)", out), out
+    # A knob trial trains the rows that read the knob, and sets them against the same rows at the defaults
+    code, out, err = run_main(capsys, *args, "--trial", "smim.pixels=visible", "--variant", "s4mim")
+    assert code == 0, err
+    trial = next(path for path in docs.glob("*.md") if path.name != f"{stem}.md").read_text()
+    assert "Against the same variant without `smim.pixels=visible` (`--trial`;" in trial
+    assert re.search(r"\| s4mim \(CMIM \+ FA \+ SMIM\): with − without \| [+-]\d+\.\d\d ± 0\.00 \|", trial), trial
+    assert "| unimatch: with − without" not in trial  # the same run with and without: left out
 
 
 def test_the_testbed_regime_and_the_baselines_have_their_presets_and_tables():
@@ -214,6 +232,8 @@ def test_quality_rejects_a_key_it_sets_itself(capsys, runs):
         assert code == 2 and "positive weight" in err, bad
     code, _, err = run_main(capsys, "quality", "--local", "--set", 'mim={"mode": "plain"}')
     assert code == 2 and "--set mim.mode" in err
+    code, _, err = run_main(capsys, "quality", "--local", "--trial", "seed=3")  # a trial knob is checked the same
+    assert code == 2 and "--trial seed" in err
 
 
 def test_a_term_weight_set_for_quality_reaches_the_variants_that_train_the_term():
