@@ -576,7 +576,9 @@ def bench(
 
 @app.command()
 def quality(
-    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds (repeatable; default 0 1 2).")] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option("--seeds", help="Training seeds (repeatable; default 0 1 2).")
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Train-stage epochs, the same for every variant (default: the preset's).")
     ] = None,
@@ -644,7 +646,7 @@ def quality(
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
 ) -> None:
-    """The S4MIM ablation on shapes (7 variants x seeds, one fixed budget); writes docs/results*.md."""
+    """The S4MIM ablation on shapes (7 variants x seeds, one fixed budget); writes docs/results-<regime>-….md."""
     from pipeline.commands.quality import check_overrides, chosen_variants, preset_for, run_command
 
     seeds = seeds or [0, 1, 2]
