@@ -665,8 +665,9 @@ def quality(
     variants = chosen_variants(variant or [], baselines)
     runs = _runs()
     context = [*(set_ or []), f"data.synth_seed={synth_seeds[0]}"]
-    base = _config(preset_for(split, regime), [*context, *(trial or [])], data_root)
-    without = _config(preset_for(split, regime), context, data_root) if trial else None
+    preset = preset_for(split, regime)
+    base = _config(preset, [*context, *(trial or [])], data_root)
+    without = _config(preset, context, data_root) if trial else None
     if len(synth_seeds) > 1 and base.data.root:
         raise UsageError(f"data.root {base.data.root} holds one generated dataset: pool several --synth-seed values "
                          "in their default folders ($S4MIM_DATA/shapes-seed<N>), without --data-root")  # fmt: skip

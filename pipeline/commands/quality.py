@@ -108,6 +108,11 @@ def column(sample: Sample) -> str:
     return f"seed {sample}" if isinstance(sample, int) else f"data {sample[0]} seed {sample[1]}"
 
 
+def pooled_synth_seeds(samples: Sequence[Sample]) -> list[int]:
+    """The generator seeds a pooled table's columns span; none for a table of one dataset."""
+    return sorted({sample[0] for sample in samples if isinstance(sample, tuple)})
+
+
 def _unit(samples: Sequence[Sample]) -> str:
     return "pair" if any(isinstance(sample, tuple) for sample in samples) else "seed"
 
@@ -132,6 +137,21 @@ class Cell:
 
     def class_mean(self, name: str) -> float:
         return statistics.mean(per_class[name] for per_class in self.iou.values())
+
+    def record(self, sample: Sample, stages: dict) -> None:
+        """Take a finished run's figures from its stage statuses (by stage name): the best checkpoint's val
+        mIoU and per-class IoU, and the train stage's last val mIoU, learning curve and diagnostics."""
+        evaluate, train = stages["evaluate"], stages["train"]
+        self.miou[sample] = evaluate.miou
+        final = train.result.get("metrics", {}).get("val/miou")
+        if final is not None:
+            self.final[sample] = final
+        if evaluate.result.get("iou"):
+            self.iou[sample] = evaluate.result["iou"]
+        if train.result.get("curve"):
+            self.curve[sample] = train.result["curve"]
+        if train.result.get("history"):
+            self.history[sample] = train.result["history"]
 
 
 def _std(values) -> float:
@@ -314,25 +334,12 @@ def run_quality(base, samples: Sequence[Sample], epochs: int, steps: int, runs: 
     for name, seed, config in planned:
         say(f"== {name}, {column(seed)}")
         t0 = time.perf_counter()
-        result = run_pipeline(config, runs, backend)
-        evaluate, teacher, train = (
-            next(s for s in result.statuses if s.name == n) for n in ("evaluate", "warmup", "train")
-        )
-        if teacher.miou is not None:
-            warmup[seed] = teacher.miou
-        cells[name].miou[seed] = evaluate.miou
-        final = train.result.get("metrics", {}).get("val/miou")
-        if final is not None:
-            cells[name].final[seed] = final
-        per_class = evaluate.result.get("iou")
-        if per_class:
-            cells[name].iou[seed] = per_class
-        if train.result.get("curve"):
-            cells[name].curve[seed] = train.result["curve"]
-        if train.result.get("history"):
-            cells[name].history[seed] = train.result["history"]
+        stages = {s.name: s for s in run_pipeline(config, runs, backend).statuses}
+        if stages["warmup"].miou is not None:
+            warmup[seed] = stages["warmup"].miou
+        cells[name].record(seed, stages)
         cells[name].seconds[seed] = time.perf_counter() - t0
-        say(f"   val mIoU {evaluate.miou:.2f}")
+        say(f"   val mIoU {stages['evaluate'].miou:.2f}")
     return list(cells.values()), warmup, time.perf_counter() - started
 
 
@@ -481,7 +488,7 @@ def results_markdown(base, cells: list[Cell], seeds: Sequence[Sample], epochs: i
     pairs pooled over held-out datasets); ``charts`` (the bar chart, then the learning curves where there
     are any) are linked by name, beside the table."""
     unit = _unit(seeds)
-    synths = sorted({sample[0] for sample in seeds if isinstance(sample, tuple)})
+    synths = pooled_synth_seeds(seeds)
     if synths:
         data = f"`{base.data.dataset}` generated with seeds {_listed(synths)} (held out, pooled)"
         varies = (
@@ -622,12 +629,17 @@ def _paired_table(cells: list[Cell], seeds: Sequence[Sample]) -> list[str]:
     unit = _unit(seeds)
     lines = ["", f"Paired differences, {unit} by {unit} (the same {unit} shares its teacher, sampling and "
              "augmentation), of the best checkpoints and, in the last column, after the last epoch:", "",
-             "| difference | mean ± std | " + " | ".join(column(s) for s in seeds) + f" | {unit}s above 0 | "
-             "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|"]  # fmt: skip
+             *_difference_header("difference", seeds)]  # fmt: skip
     rows = [
         _difference_row(f"{cell.variant} − {reference.variant}", cell, reference, seeds) for cell, reference in pairs
     ]
     return lines + [row for row in rows if row]
+
+
+def _difference_header(first: str, seeds: Sequence[Sample]) -> list[str]:
+    """The header of a table of ``_difference_row`` rows."""
+    return [f"| {first} | mean ± std | " + " | ".join(column(s) for s in seeds) + f" | {_unit(seeds)}s above 0 | "
+            "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|"]  # fmt: skip
 
 
 def _difference_row(label: str, cell: Cell, reference: Cell, seeds: Sequence[Sample]) -> str | None:
@@ -653,11 +665,9 @@ def _against_reference(
     rows = [row for row in rows if row]
     if not rows:
         return []
-    unit = _unit(seeds)
     return ["", f"Against the same variant without {', '.join(f'`{k}`' for k in knobs)} (`--trial`; the rows that "
             "do not read it are the same runs, and left out), from the stage cache:", "",
-            "| variant | mean ± std | " + " | ".join(column(s) for s in seeds) + f" | {unit}s above 0 | "
-            "last epoch: mean ± std |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|", *rows]  # fmt: skip
+            *_difference_header("variant", seeds), *rows]  # fmt: skip
 
 
 def _machine() -> str:
@@ -741,14 +751,10 @@ def reference_cells(base, reference, samples: Sequence[Sample], epochs: int, ste
         cell_configs(reference, samples, epochs, steps, variants),
     )
     for (name, sample, config), (_, _, without) in zip(trial, plain, strict=True):
-        statuses = {s.name: s for s in plan(without, runs, [])}
-        same = statuses["train"].folder == {s.name: s for s in plan(config, runs, [])}["train"].folder
-        if same or statuses["evaluate"].status != "cached":
-            continue
-        cells[name].miou[sample] = statuses["evaluate"].miou
-        final = statuses["train"].result.get("metrics", {}).get("val/miou")
-        if final is not None:
-            cells[name].final[sample] = final
+        stages = {s.name: s for s in plan(without, runs, [])}
+        same = stages["train"].folder == {s.name: s for s in plan(config, runs, [])}["train"].folder
+        if not same and stages["evaluate"].status == "cached":
+            cells[name].record(sample, stages)
     return [cell for cell in cells.values() if cell.miou]
 
 
@@ -816,8 +822,9 @@ def write_results(base, cells, seeds, epochs, steps, wall, warmup_miou, docs: Pa
     from pipeline.training.pictures import has_matplotlib
 
     command = reproducing_command(base, sys.argv[1:])
-    synth_seeds = sorted({sample[0] for sample in seeds if isinstance(sample, tuple)})
-    path = results_path(with_budget(base, epochs, steps), docs, [cell.variant for cell in cells], synth_seeds)
+    path = results_path(
+        with_budget(base, epochs, steps), docs, [cell.variant for cell in cells], pooled_synth_seeds(seeds)
+    )
     charts = []
     if has_matplotlib():
         charts.append(path.with_suffix(".png"))
