@@ -34,7 +34,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate the embedded dataset and prepare manifests.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Run the whole chain of stages.", no_args_is_help=True)
-runs_app = typer.Typer(help="Compare tracked runs across labeled splits.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Compare tracked runs across labeled splits; carry finished stages between runs folders.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(runs_app, name="runs")
@@ -543,6 +546,34 @@ def runs_plot(
     else:
         path = plot_splits(fetch_runs(uri, experiment, filters, "pipeline"), out)
     typer.echo(f"wrote {path}")
+
+
+@runs_app.command("export")
+def runs_export(
+    dest: Annotated[Path, typer.Argument(help="Folder to write (created; an earlier export there is updated).")],
+) -> None:
+    """Copy the runs folder's finished stages into DEST: results, hashes, prepared splits and the warmup
+    teachers (no train checkpoints), for 'runs import' on another machine to find them cached."""
+    from pipeline.orchestration.transfer import export_runs
+
+    done = export_runs(_runs(), dest)
+    for why in done.skipped:
+        typer.echo(f"  left out the teacher of {why}")
+    typer.echo(f"exported {len(done.stages)} stage(s) new or changed, {done.files} file(s), "
+               f"{done.bytes / 2**20:.1f} MiB -> {dest}")  # fmt: skip
+
+
+@runs_app.command("import")
+def runs_import(
+    source: Annotated[Path, typer.Argument(help="A folder written by 's4mim runs export'.")],
+) -> None:
+    """Copy into the runs folder ($S4MIM_RUNS) the finished stages of an export that it lacks; files it
+    already holds are kept."""
+    from pipeline.orchestration.transfer import import_runs
+
+    done = import_runs(source, _runs())
+    typer.echo(f"imported {len(done.stages)} finished stage(s), {done.files} file(s), "
+               f"{done.bytes / 2**20:.1f} MiB -> {_runs()}")  # fmt: skip
 
 
 @app.command()

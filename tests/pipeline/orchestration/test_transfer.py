@@ -1,0 +1,149 @@
+"""``s4mim runs export`` / ``runs import``: finished stages carried to an empty runs folder are found cached."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import UsageError
+from pipeline.orchestration import transfer
+from pipeline.orchestration.transfer import export_runs, import_runs
+from tests.conftest import TINY_OVERRIDES
+from tests.pipeline.cli_helpers import one_line_error, run_s4mim, tree_state
+
+
+def _stage(runs: Path, name: str, result: dict | None, checkpoint: Path | None = None) -> Path:
+    folder = runs / "stages" / "shapes-1_8" / name
+    folder.mkdir(parents=True)
+    (folder / "hash.json").write_text(json.dumps({"config": name}))
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"weights of " + name.encode())
+    if result is not None:
+        result = {**result, "checkpoint": str(checkpoint)} if checkpoint else result
+        (folder / "result.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.fixture
+def filled(tmp_path) -> Path:
+    """A runs folder with a finished warmup, a finished train, an evaluate and an interrupted train."""
+    runs = tmp_path / "runs"
+    _stage(runs, "warmup-aaaaaaaaaaaa", {"best_miou": 40.0}, runs / "ray" / "warm" / "epoch_0010" / "state.pt")
+    stages = runs / "stages" / "shapes-1_8"
+    _stage(runs, "train-bbbbbbbbbbbb", {"best_miou": 50.0}, stages / "train-bbbbbbbbbbbb" / "best.pt")
+    (_stage(runs, "evaluate-cccccccccccc", {"miou": 49.0}) / "iou.csv").write_text("class,iou\n")
+    _stage(runs, "train-dddddddddddd", None, stages / "train-dddddddddddd" / "last.pt")
+    (runs / "splits" / "shapes-x" / "1_8-seed0").mkdir(parents=True)
+    (runs / "splits" / "shapes-x" / "1_8-seed0" / "labeled.txt").write_text("a\n")
+    return runs
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_export_holds_finished_stages_and_teachers_but_no_train_weights(filled, tmp_path):
+    dest = tmp_path / "export"
+    done = export_runs(filled, dest)
+    assert _files(dest) == {
+        "exports.json",
+        "splits/shapes-x/1_8-seed0/labeled.txt",
+        "ray/warm/epoch_0010/state.pt",
+        *(f"stages/shapes-1_8/{s}/{f}" for s in ("warmup-aaaaaaaaaaaa", "train-bbbbbbbbbbbb", "evaluate-cccccccccccc")
+          for f in ("hash.json", "result.json")),
+        "stages/shapes-1_8/evaluate-cccccccccccc/iou.csv",
+    }  # fmt: skip
+    assert len(done.stages) == 3
+    log = json.loads((dest / "exports.json").read_text())
+    assert len(log) == 1 and "cores" in log[0]["machine"]
+
+    again = export_runs(filled, dest)  # nothing new: nothing written, the log not extended
+    assert again.files == 0 and again.stages == []
+    assert len(json.loads((dest / "exports.json").read_text())) == 1
+
+    (filled / "stages" / "shapes-1_8" / "evaluate-cccccccccccc" / "result.json").write_text('{"miou": 51.0}')
+    assert export_runs(filled, dest).stages == ["shapes-1_8/evaluate-cccccccccccc"]  # a forced rerun replaces it
+    assert json.loads((dest / "stages/shapes-1_8/evaluate-cccccccccccc/result.json").read_text()) == {"miou": 51.0}
+
+
+def test_import_into_an_empty_runs_folder_finds_the_teacher_where_the_result_names_it(filled, tmp_path):
+    from pipeline.orchestration.results import read_result
+
+    dest = tmp_path / "export"
+    export_runs(filled, dest)
+    shutil.rmtree(filled)  # the original runs folder is gone
+    elsewhere = tmp_path / "elsewhere" / "runs"
+    done = import_runs(dest, elsewhere)
+    assert sorted(done.stages) == ["shapes-1_8/evaluate-cccccccccccc", "shapes-1_8/train-bbbbbbbbbbbb",
+                                   "shapes-1_8/warmup-aaaaaaaaaaaa"]  # fmt: skip
+    teacher = read_result(elsewhere / "stages" / "shapes-1_8" / "warmup-aaaaaaaaaaaa")
+    assert Path(teacher["checkpoint"]) == elsewhere / "ray" / "warm" / "epoch_0010" / "state.pt"
+    assert Path(teacher["checkpoint"]).read_bytes() == b"weights of warmup-aaaaaaaaaaaa"
+    assert not (elsewhere / "exports.json").exists()
+
+
+def test_import_keeps_what_the_runs_folder_holds_and_writes_results_last(filled, tmp_path, monkeypatch):
+    dest = tmp_path / "export"
+    export_runs(filled, dest)
+    mine = tmp_path / "mine"
+    _stage(mine, "evaluate-cccccccccccc", {"miou": 12.0})
+    order: list[str] = []
+    copy = transfer._copy
+    monkeypatch.setattr(transfer, "_copy", lambda s, t, d, **kw: (order.append(t.name), copy(s, t, d, **kw)))
+    done = import_runs(dest, mine)
+    assert json.loads((mine / "stages/shapes-1_8/evaluate-cccccccccccc/result.json").read_text()) == {"miou": 12.0}
+    assert "shapes-1_8/evaluate-cccccccccccc" not in done.stages
+    first_result = order.index("result.json")
+    assert "state.pt" in order[:first_result] and set(order[first_result:]) == {"result.json"}
+
+
+def test_an_export_of_nothing_and_an_import_of_a_non_export_are_refused(tmp_path):
+    (tmp_path / "runs" / "stages").mkdir(parents=True)
+    with pytest.raises(UsageError, match="no finished stage"):
+        export_runs(tmp_path / "runs", tmp_path / "export")
+    with pytest.raises(UsageError, match="not an export"):
+        import_runs(tmp_path / "runs", tmp_path / "other")
+    assert not (tmp_path / "export").exists() and not (tmp_path / "other").exists()
+
+
+def test_a_pipeline_imported_on_another_runs_folder_is_cached_and_trains_from_its_teacher(tiny_shapes, tmp_path):
+    """Through the installed s4mim: the whole tiny pipeline, exported, its runs folder deleted, imported
+    into another; the same command then runs no stage, and a new train budget trains from the teacher."""
+    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
+    for item in TINY_OVERRIDES:
+        args += ["--set", item]
+    first, second, export = tmp_path / "first", tmp_path / "second", tmp_path / "export"
+    done = run_s4mim(*args, env={"S4MIM_RUNS": str(first)})
+    assert done.returncode == 0, done.stderr
+    done = run_s4mim("runs", "export", str(export), env={"S4MIM_RUNS": str(first)})
+    assert done.returncode == 0, done.stderr
+    assert "exported 3 stage(s)" in done.stdout
+    assert not [p for p in export.rglob("*.pt") if "warmup-" not in str(p)]  # the teacher's weights alone
+    shutil.rmtree(first)
+
+    done = run_s4mim("runs", "import", str(export), env={"S4MIM_RUNS": str(second)})
+    assert done.returncode == 0, done.stderr
+    assert "imported 3 finished stage(s)" in done.stdout
+    done = run_s4mim(*args, env={"S4MIM_RUNS": str(second)})
+    assert done.returncode == 0, done.stderr
+    assert "every stage is cached" in done.stdout, done.stdout
+    done = run_s4mim(*args, "--set", "train.steps_per_epoch=3", env={"S4MIM_RUNS": str(second)})
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^warmup +cached", done.stdout, re.M), done.stdout
+    assert re.search(r"^train +ran", done.stdout, re.M), done.stdout
+
+
+def test_import_of_a_folder_that_is_no_export_is_one_line_and_exit_2(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "notes").mkdir(parents=True)
+    (runs / "notes" / "earlier.txt").write_text("written before")
+    before = tree_state(runs)
+    done = run_s4mim("runs", "import", str(tmp_path / "nowhere"), env={"S4MIM_RUNS": str(runs)})
+    assert done.returncode == 2
+    assert "not an export" in one_line_error(done.stderr)
+    assert tree_state(runs) == before
