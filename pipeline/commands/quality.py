@@ -439,10 +439,12 @@ def dry_run_lines(base, seeds: list[int], epochs: int | None, steps: int | None,
     from pipeline.orchestration.orchestrate import plan
 
     base, columns, epochs, steps = _table_plan(base, seeds, epochs, steps, synth_seeds)
-    lines, left, warmups = [], 0, set()
+    lines, left, warmups, unprepared = [], 0, set(), set()
     planned = cell_configs(base, columns, epochs, steps, variants)
     for name, sample, config in planned:
         statuses = plan(config, runs, [])
+        if statuses[0].status != "cached":
+            unprepared.add(config.data.synth_seed)
         todo = [s for s in statuses if s.status != "cached" and s.name != "prepare"]
         if not todo:
             miou = next(s.miou for s in statuses if s.name == "evaluate")
@@ -454,6 +456,10 @@ def dry_run_lines(base, seeds: list[int], epochs: int | None, steps: int | None,
         lines.append(f"   to train: {name}, {column(sample)}: {stages}")
     head = (f"{len(planned)} runs of {epochs} epochs of {steps} steps: {len(planned) - left} cached, {left} to train"
             + (f" ({len(warmups)} warmup(s) first)" if warmups else ""))  # fmt: skip
+    if unprepared:  # a stage's key holds its inputs' hash, known once the dataset is there
+        lines.append(f"   (the dataset of generator seed {_listed(sorted(unprepared))} is not generated or prepared "
+                     "yet: stages cached for it are found only once it is; the same command without --dry-run "
+                     "generates it first)")  # fmt: skip
     return [head, *lines]
 
 

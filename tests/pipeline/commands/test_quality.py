@@ -157,6 +157,7 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     assert code == 0, err
     assert f"{len(VARIANTS)} runs of 1 epochs of 2 steps: {len(VARIANTS)} cached, 0 to train" in out
     assert re.search(r"cached: +unimatch, seed 0 \(val mIoU \d+\.\d\d\)", out), out
+    assert "not generated or prepared" not in out
     # A knob trial trains the rows that read the knob, and sets them against the same rows at the defaults
     code, out, err = run_main(capsys, *args, "--trial", "smim.pixels=visible", "--variant", "s4mim")
     assert code == 0, err
@@ -256,6 +257,7 @@ def test_a_dry_run_lists_the_runs_to_train_and_writes_nothing(capsys, runs, tiny
     assert code == 0, err
     assert "4 runs of 1 epochs of 2 steps: 0 cached, 4 to train (2 warmup(s) first)" in out
     assert "to train: s4mim (CMIM + FA + SMIM), seed 1: warmup, train, evaluate" in out
+    assert "generator seed 0 is not generated or prepared yet" in out  # the runs folder has no manifest yet
     assert not runs.exists() and not (tmp_path / "docs").exists()
 
 
