@@ -552,13 +552,13 @@ def runs_plot(
 def runs_export(
     dest: Annotated[Path, typer.Argument(help="Folder to write (created; an earlier export there is updated).")],
 ) -> None:
-    """Copy the runs folder's finished stages into DEST: results, hashes, prepared splits and the warmup
-    teachers (no train checkpoints), for 'runs import' on another machine to find them cached."""
+    """Copy the runs folder's finished stages into DEST: results, hashes, prepared splits, the warmup teachers
+    and any train checkpoint not evaluated yet, for 'runs import' on another machine to find them cached."""
     from pipeline.orchestration.transfer import export_runs
 
     done = export_runs(_runs(), dest)
-    for why in done.skipped:
-        typer.echo(f"  left out the teacher of {why}")
+    for why in done.left_out:
+        typer.echo(f"  left out {why}")
     typer.echo(f"exported {len(done.stages)} stage(s) new or changed, {done.files} file(s), "
                f"{done.bytes / 2**20:.1f} MiB -> {dest}")  # fmt: skip
 
@@ -568,10 +568,12 @@ def runs_import(
     source: Annotated[Path, typer.Argument(help="A folder written by 's4mim runs export'.")],
 ) -> None:
     """Copy into the runs folder ($S4MIM_RUNS) the finished stages of an export that it lacks; files it
-    already holds are kept."""
+    already holds are kept, and a stage it holds other files for (an interrupted run) is left out."""
     from pipeline.orchestration.transfer import import_runs
 
     done = import_runs(source, _runs())
+    for why in done.left_out:
+        typer.echo(f"  left out {why}")
     typer.echo(f"imported {len(done.stages)} finished stage(s), {done.files} file(s), "
                f"{done.bytes / 2**20:.1f} MiB -> {_runs()}")  # fmt: skip
 

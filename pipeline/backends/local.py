@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from data_prep.atomic import atomic_path
 from pipeline.console import format_metrics, progress, say
+from pipeline.machine import machine
 from pipeline.orchestration.results import write_evaluation, write_result
 from pipeline.training.distributed import init_distributed
 from pipeline.training.stages import EPOCH_KEYS, StageInputs, evaluate, fit
@@ -77,6 +78,7 @@ def run_training(config, stage: str, prepared, folder: Path, init_checkpoint: Pa
     result = fit(config, stage, inputs, ctx)
     best = folder / "best.pt"
     result["checkpoint"] = str(best if best.is_file() else folder / "last.pt")
+    result["machines"] = [machine()]  # rank 0's machine (under torchrun across nodes, the others' are not asked)
     if rank == 0:
         write_result(folder, result)
     return result

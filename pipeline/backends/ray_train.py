@@ -395,6 +395,7 @@ def _worker_loop(loop: dict):
     import torch
 
     from pipeline.config.schema import Config
+    from pipeline.machine import machine
     from pipeline.training.stages import StageInputs, evaluate, fit, gather
 
     # Ray Train sets the worker's root logger to INFO; its per-report records would flood the console.
@@ -424,6 +425,8 @@ def _worker_loop(loop: dict):
             context.close()
     result["worker_nodes"] = gather(ray.get_runtime_context().get_node_id())
     result["world_size"] = len(result["worker_nodes"])
+    if stage != "evaluate":
+        result["machines"] = sorted(set(gather(machine())))  # what trained it: numerics differ from CPU to CPU
     return result
 
 

@@ -31,13 +31,16 @@ def _stage(runs: Path, name: str, result: dict | None, checkpoint: Path | None =
 
 @pytest.fixture
 def filled(tmp_path) -> Path:
-    """A runs folder with a finished warmup, a finished train, an evaluate and an interrupted train."""
+    """A runs folder: a finished warmup (its teacher a Ray checkpoint folder), a train its evaluate has
+    scored, a finished train not scored yet, and an interrupted train."""
     runs = tmp_path / "runs"
-    _stage(runs, "warmup-aaaaaaaaaaaa", {"best_miou": 40.0}, runs / "ray" / "warm" / "epoch_0010" / "state.pt")
     stages = runs / "stages" / "shapes-1_8"
+    _stage(runs, "warmup-aaaaaaaaaaaa", {"best_miou": 40.0}, runs / "ray" / "warm" / "epoch_0010" / "state.pt")
     _stage(runs, "train-bbbbbbbbbbbb", {"best_miou": 50.0}, stages / "train-bbbbbbbbbbbb" / "best.pt")
-    (_stage(runs, "evaluate-cccccccccccc", {"miou": 49.0}) / "iou.csv").write_text("class,iou\n")
+    scored = {"miou": 49.0, "evaluated": str(stages / "train-bbbbbbbbbbbb" / "best.pt")}
+    (_stage(runs, "evaluate-cccccccccccc", scored) / "iou.csv").write_text("class,iou\n")
     _stage(runs, "train-dddddddddddd", None, stages / "train-dddddddddddd" / "last.pt")
+    _stage(runs, "train-eeeeeeeeeeee", {"best_miou": 51.0}, stages / "train-eeeeeeeeeeee" / "best.pt")
     (runs / "splits" / "shapes-x" / "1_8-seed0").mkdir(parents=True)
     (runs / "splits" / "shapes-x" / "1_8-seed0" / "labeled.txt").write_text("a\n")
     return runs
@@ -47,18 +50,23 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-def test_export_holds_finished_stages_and_teachers_but_no_train_weights(filled, tmp_path):
+FINISHED = ("warmup-aaaaaaaaaaaa", "train-bbbbbbbbbbbb", "evaluate-cccccccccccc", "train-eeeeeeeeeeee")
+
+
+def test_export_holds_finished_stages_and_the_weights_still_to_be_used(filled, tmp_path):
     dest = tmp_path / "export"
     done = export_runs(filled, dest)
     assert _files(dest) == {
         "exports.json",
         "splits/shapes-x/1_8-seed0/labeled.txt",
-        "ray/warm/epoch_0010/state.pt",
-        *(f"stages/shapes-1_8/{s}/{f}" for s in ("warmup-aaaaaaaaaaaa", "train-bbbbbbbbbbbb", "evaluate-cccccccccccc")
-          for f in ("hash.json", "result.json")),
+        "ray/warm/epoch_0010/state.pt",  # the teacher
+        "stages/shapes-1_8/train-eeeeeeeeeeee/best.pt",  # no evaluate has scored it yet
+        *(f"stages/shapes-1_8/{s}/{f}" for s in FINISHED for f in ("hash.json", "result.json")),
         "stages/shapes-1_8/evaluate-cccccccccccc/iou.csv",
-    }  # fmt: skip
-    assert len(done.stages) == 3
+    }
+    assert sorted(done.stages) == sorted(f"shapes-1_8/{s}" for s in FINISHED) and done.left_out == []
+    source = filled / "stages/shapes-1_8/warmup-aaaaaaaaaaaa/result.json"
+    assert (dest / "stages/shapes-1_8/warmup-aaaaaaaaaaaa/result.json").stat().st_mtime == source.stat().st_mtime
     log = json.loads((dest / "exports.json").read_text())
     assert len(log) == 1 and "cores" in log[0]["machine"]
 
@@ -66,12 +74,22 @@ def test_export_holds_finished_stages_and_teachers_but_no_train_weights(filled, 
     assert again.files == 0 and again.stages == []
     assert len(json.loads((dest / "exports.json").read_text())) == 1
 
-    (filled / "stages" / "shapes-1_8" / "evaluate-cccccccccccc" / "result.json").write_text('{"miou": 51.0}')
+    evaluated = filled / "stages" / "shapes-1_8" / "evaluate-cccccccccccc" / "result.json"
+    evaluated.write_text(json.dumps({**json.loads(evaluated.read_text()), "miou": 51.0}))
     assert export_runs(filled, dest).stages == ["shapes-1_8/evaluate-cccccccccccc"]  # a forced rerun replaces it
-    assert json.loads((dest / "stages/shapes-1_8/evaluate-cccccccccccc/result.json").read_text()) == {"miou": 51.0}
+    assert json.loads((dest / "stages/shapes-1_8/evaluate-cccccccccccc/result.json").read_text())["miou"] == 51.0
+    assert len(json.loads((dest / "exports.json").read_text())) == 2
 
 
-def test_import_into_an_empty_runs_folder_finds_the_teacher_where_the_result_names_it(filled, tmp_path):
+def test_a_warmup_whose_teacher_is_gone_is_left_out_whole(filled, tmp_path):
+    shutil.rmtree(filled / "ray")
+    done = export_runs(filled, tmp_path / "export")
+    assert "shapes-1_8/warmup-aaaaaaaaaaaa" not in done.stages
+    assert len(done.left_out) == 1 and "warmup-aaaaaaaaaaaa" in done.left_out[0]
+    assert not (tmp_path / "export" / "stages" / "shapes-1_8" / "warmup-aaaaaaaaaaaa").exists()
+
+
+def test_import_into_an_empty_runs_folder_finds_the_weights_where_the_results_name_them(filled, tmp_path):
     from pipeline.orchestration.results import read_result
 
     dest = tmp_path / "export"
@@ -79,11 +97,12 @@ def test_import_into_an_empty_runs_folder_finds_the_teacher_where_the_result_nam
     shutil.rmtree(filled)  # the original runs folder is gone
     elsewhere = tmp_path / "elsewhere" / "runs"
     done = import_runs(dest, elsewhere)
-    assert sorted(done.stages) == ["shapes-1_8/evaluate-cccccccccccc", "shapes-1_8/train-bbbbbbbbbbbb",
-                                   "shapes-1_8/warmup-aaaaaaaaaaaa"]  # fmt: skip
+    assert sorted(done.stages) == sorted(f"shapes-1_8/{s}" for s in FINISHED) and done.left_out == []
     teacher = read_result(elsewhere / "stages" / "shapes-1_8" / "warmup-aaaaaaaaaaaa")
     assert Path(teacher["checkpoint"]) == elsewhere / "ray" / "warm" / "epoch_0010" / "state.pt"
     assert Path(teacher["checkpoint"]).read_bytes() == b"weights of warmup-aaaaaaaaaaaa"
+    unscored = read_result(elsewhere / "stages" / "shapes-1_8" / "train-eeeeeeeeeeee")
+    assert Path(unscored["checkpoint"]).read_bytes() == b"weights of train-eeeeeeeeeeee"
     assert not (elsewhere / "exports.json").exists()
 
 
@@ -91,15 +110,23 @@ def test_import_keeps_what_the_runs_folder_holds_and_writes_results_last(filled,
     dest = tmp_path / "export"
     export_runs(filled, dest)
     mine = tmp_path / "mine"
-    _stage(mine, "evaluate-cccccccccccc", {"miou": 12.0})
+    _stage(mine, "evaluate-cccccccccccc", {"miou": 12.0})  # finished here: kept
+    # an interrupted run of the warmup here, its teacher from another epoch: the stage is not imported
+    _stage(mine, "warmup-aaaaaaaaaaaa", None)
+    (mine / "ray" / "warm" / "epoch_0010").mkdir(parents=True)
+    (mine / "ray" / "warm" / "epoch_0010" / "state.pt").write_bytes(b"half trained")
     order: list[str] = []
     copy = transfer._copy
-    monkeypatch.setattr(transfer, "_copy", lambda s, t, d, **kw: (order.append(t.name), copy(s, t, d, **kw)))
+    monkeypatch.setattr(transfer, "_copy", lambda s, t, d: (order.append(t.name), copy(s, t, d)))
     done = import_runs(dest, mine)
     assert json.loads((mine / "stages/shapes-1_8/evaluate-cccccccccccc/result.json").read_text()) == {"miou": 12.0}
     assert "shapes-1_8/evaluate-cccccccccccc" not in done.stages
-    first_result = order.index("result.json")
-    assert "state.pt" in order[:first_result] and set(order[first_result:]) == {"result.json"}
+    assert (mine / "ray" / "warm" / "epoch_0010" / "state.pt").read_bytes() == b"half trained"
+    assert not (mine / "stages/shapes-1_8/warmup-aaaaaaaaaaaa/result.json").exists()
+    assert len(done.left_out) == 1 and "warmup-aaaaaaaaaaaa" in done.left_out[0]
+    assert sorted(done.stages) == ["shapes-1_8/train-bbbbbbbbbbbb", "shapes-1_8/train-eeeeeeeeeeee"]
+    # a stage's weights and records before its result.json (train-eeeeeeeeeeee comes last)
+    assert order[-3:] == ["best.pt", "hash.json", "result.json"], order
 
 
 def test_an_export_of_nothing_and_an_import_of_a_non_export_are_refused(tmp_path):
@@ -109,6 +136,19 @@ def test_an_export_of_nothing_and_an_import_of_a_non_export_are_refused(tmp_path
     with pytest.raises(UsageError, match="not an export"):
         import_runs(tmp_path / "runs", tmp_path / "other")
     assert not (tmp_path / "export").exists() and not (tmp_path / "other").exists()
+
+
+def test_a_broken_export_log_or_an_unwritable_target_is_a_usage_error(filled, tmp_path):
+    dest = tmp_path / "export"
+    export_runs(filled, dest)
+    (dest / "exports.json").write_text("<<<<<<< HEAD\n")
+    (filled / "stages" / "shapes-1_8" / "evaluate-cccccccccccc" / "result.json").write_text('{"miou": 51.0}')
+    with pytest.raises(UsageError, match="exports.json is not valid JSON"):
+        export_runs(filled, dest)
+    assert (dest / "exports.json").read_text() == "<<<<<<< HEAD\n"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UsageError, match="runs export failed: .*a-file"):
+        export_runs(filled, tmp_path / "a-file")
 
 
 def test_a_pipeline_imported_on_another_runs_folder_is_cached_and_trains_from_its_teacher(tiny_shapes, tmp_path):
@@ -124,6 +164,8 @@ def test_a_pipeline_imported_on_another_runs_folder_is_cached_and_trains_from_it
     assert done.returncode == 0, done.stderr
     assert "exported 3 stage(s)" in done.stdout
     assert not [p for p in export.rglob("*.pt") if "warmup-" not in str(p)]  # the teacher's weights alone
+    (trained,) = export.glob("stages/*/train-*/result.json")
+    assert "cores" in json.loads(trained.read_text())["machines"][0]  # which machine trained it
     shutil.rmtree(first)
 
     done = run_s4mim("runs", "import", str(export), env={"S4MIM_RUNS": str(second)})
