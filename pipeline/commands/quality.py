@@ -35,6 +35,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class Cell:
     iou: dict[Sample, dict[str, float]] = field(default_factory=dict)  # per-class IoU of the best checkpoint
     curve: dict[Sample, list[dict]] = field(default_factory=dict)  # the train stage's val mIoU at each eval
     history: dict[Sample, list[dict]] = field(default_factory=dict)  # the train stage's epoch diagnostics
+    machines: dict[Sample, list[str]] = field(default_factory=dict)  # what trained the train stage
 
     @property
     def mean(self) -> float:
@@ -152,6 +154,8 @@ class Cell:
             self.curve[sample] = train.result["curve"]
         if train.result.get("history"):
             self.history[sample] = train.result["history"]
+        if train.result.get("machines"):
+            self.machines[sample] = train.result["machines"]
 
 
 def _std(values) -> float:
@@ -515,6 +519,7 @@ def results_markdown(base, cells: list[Cell], seeds: Sequence[Sample], epochs: i
         f"Written by `{command}` at git sha `{sha}`, in {wall / 60:.0f} min of wall time on {_machine()} "
         "(stages found in the stage cache take none of it).",
         "",
+        *_trained_on(cells),
         f"Every row trains the `{base.preset}` model for the same budget: {epochs} epochs of {steps} steps "
         f"(batch {base.data.batch_size} labeled + {base.data.batch_size} unlabeled images a step) from the same "
         f"warmup teacher of its {unit}, with the preset's recipe; only the loss terms differ. `supervised "
@@ -565,6 +570,16 @@ def results_markdown(base, cells: list[Cell], seeds: Sequence[Sample], epochs: i
         lines += [f"Val mIoU during the train stage, mean over {unit}s (shaded: min to max):", "",
                   f"![learning curves]({charts[1].name})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _trained_on(cells: Sequence[Cell]) -> list[str]:
+    """Which machines trained the table's runs: the same code trains differently on another CPU."""
+    unnamed = "a machine not recorded (trained before results named it)"
+    counts = Counter(" + ".join(cell.machines.get(sample, [unnamed])) for cell in cells for sample in cell.miou)
+    if set(counts) <= {unnamed}:
+        return []
+    return ["Train stages trained on: " + "; ".join(f"{name} ({n} runs)" for name, n in counts.most_common()) + ".",
+            ""]  # fmt: skip
 
 
 def _listed(values: Sequence) -> str:

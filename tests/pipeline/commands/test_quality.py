@@ -40,6 +40,17 @@ def test_results_table_gives_mean_std_and_each_seed(tiny_config):
     assert "the S4MIM ablation" in text
 
 
+def test_results_table_names_the_machines_that_trained_its_runs(tiny_config):
+    a, b = "CPU A, 2 cores, torch 2.x (AVX512 kernels)", "CPU B, 16 cores, torch 2.x (AVX2 kernels)"
+    cells = [Cell("unimatch", {0: 50.0, 1: 52.0}, machines={0: [a], 1: [b]}), Cell("s4mim", {0: 49.0, 1: 48.0},
+             machines={0: [a]})]  # fmt: skip
+    text = results_markdown(tiny_config(), cells, [0, 1], 3, 7, 125.0, "s4mim quality", "abc123", {})
+    assert f"Train stages trained on: {a} (2 runs); {b} (1 runs); a machine not recorded" in text
+    assert "(trained before results named it) (1 runs)." in text
+    older = [Cell("unimatch", {0: 50.0})]  # no run names its machine: no line
+    assert "trained on" not in results_markdown(tiny_config(), older, [0], 3, 7, 1.0, "s4mim quality", "abc", {})
+
+
 def test_results_table_gives_the_last_quarter_diagnostics(tiny_config):
     def epoch(i, ratio, norm):
         return {"epoch": i, "step": 10 * i, "train/mask_ratio": ratio, "train/pseudo_acc": 0.8,
@@ -135,6 +146,7 @@ def test_quality_smoke_writes_table_and_chart(capsys, runs, tiny_shapes, tmp_pat
     assert "1 epochs of 2 steps" in text and "warmup teacher" in text
     assert "after their last epoch" in text and "| background |" in text
     assert re.search(r"\| unimatch \| \d\.\d{3} \| \d\.\d{3} \|", text)  # its diagnostics, from the stage result
+    assert re.search(rf"Train stages trained on: .*cores.* \({len(VARIANTS)} runs\)\.", text), text
     # A rewrite of the table keeps the notes written below the marker, and only those.
     from pipeline.commands.quality import KEEP_MARKER
 
