@@ -552,8 +552,10 @@ def runs_plot(
 def runs_export(
     dest: Annotated[Path, typer.Argument(help="Folder to write (created; an earlier export there is updated).")],
 ) -> None:
-    """Copy the runs folder's finished stages into DEST: results, hashes, prepared splits, the warmup teachers
-    and any train checkpoint not evaluated yet, for 'runs import' on another machine to find them cached."""
+    """Copy the runs folder's finished stages into DEST, for 'runs import' to find them cached elsewhere.
+
+    DEST gets each finished stage's result and hash, the prepared splits, the warmup teachers and any train
+    checkpoint not evaluated yet; the other train checkpoints stay behind."""
     from pipeline.orchestration.transfer import export_runs
 
     done = export_runs(_runs(), dest)
@@ -567,8 +569,9 @@ def runs_export(
 def runs_import(
     source: Annotated[Path, typer.Argument(help="A folder written by 's4mim runs export'.")],
 ) -> None:
-    """Copy into the runs folder ($S4MIM_RUNS) the finished stages of an export that it lacks; files it
-    already holds are kept, and a stage it holds other files for (an interrupted run) is left out."""
+    """Copy into the runs folder ($S4MIM_RUNS) the finished stages of an export that it lacks.
+
+    Files it already holds are kept, and a stage it holds other files for (an interrupted run) is left out."""
     from pipeline.orchestration.transfer import import_runs
 
     done = import_runs(source, _runs())
