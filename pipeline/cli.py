@@ -555,14 +555,17 @@ def runs_export(
     """Copy the runs folder's finished stages into DEST, for 'runs import' to find them cached elsewhere.
 
     DEST gets each finished stage's result and hash, the prepared splits, the warmup teachers and any train
-    checkpoint not evaluated yet; the other train checkpoints stay behind."""
+    checkpoint not evaluated yet; the other train checkpoints stay behind. An interrupted warmup or train
+    goes with the checkpoints it resumes from, so that the same command resumes it after an import."""
     from pipeline.orchestration.transfer import export_runs
 
     done = export_runs(_runs(), dest)
     for why in done.left_out:
         typer.echo(f"  left out {why}")
-    typer.echo(f"exported {len(done.stages)} stage(s) new or changed, {done.files} file(s), "
-               f"{done.bytes / 2**20:.1f} MiB -> {dest}")  # fmt: skip
+    for stage in done.interrupted:
+        typer.echo(f"  interrupted, to resume: {stage}")
+    typer.echo(f"exported {len(done.stages)} stage(s) new or changed and {len(done.interrupted)} interrupted, "
+               f"{done.files} file(s), {done.bytes / 2**20:.1f} MiB -> {dest}")  # fmt: skip
 
 
 @runs_app.command("import")
@@ -571,14 +574,17 @@ def runs_import(
 ) -> None:
     """Copy into the runs folder ($S4MIM_RUNS) the finished stages of an export that it lacks.
 
-    Files it already holds are kept, and a stage it holds other files for (an interrupted run) is left out."""
+    Interrupted stages come too, and the same command resumes them. Files the runs folder already holds
+    are kept, and a stage it holds other files for (an interrupted run of its own) is left out."""
     from pipeline.orchestration.transfer import import_runs
 
     done = import_runs(source, _runs())
     for why in done.left_out:
         typer.echo(f"  left out {why}")
-    typer.echo(f"imported {len(done.stages)} finished stage(s), {done.files} file(s), "
-               f"{done.bytes / 2**20:.1f} MiB -> {_runs()}")  # fmt: skip
+    for stage in done.interrupted:
+        typer.echo(f"  interrupted, resumes with the command that started it: {stage}")
+    typer.echo(f"imported {len(done.stages)} finished stage(s) and {len(done.interrupted)} interrupted, "
+               f"{done.files} file(s), {done.bytes / 2**20:.1f} MiB -> {_runs()}")  # fmt: skip
 
 
 @app.command()

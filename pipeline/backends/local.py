@@ -32,8 +32,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
 class LocalContext:
     """Checkpoints in a folder, progress on stdout."""
 
-    def __init__(self, stage: str, folder: Path, rank: int, world_size: int, device: torch.device, epochs: int):
+    def __init__(self, stage: str, folder: Path, rank: int, world_size: int, device: torch.device, epochs: int,
+                 extras: dict | None = None):  # fmt: skip
         self.stage, self.folder = stage, Path(folder)
+        self.extras = extras if extras is not None else {}  # the dict every checkpoint stores (StageInputs.extras)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.epochs = epochs
         self.started = time.perf_counter()
@@ -45,6 +47,8 @@ class LocalContext:
             return None
         state = torch.load(last, map_location="cpu", weights_only=False)
         say(f"[{self.stage}] resuming after epoch {state['epoch'] + 1} from {last}")
+        # the machines that trained the epochs before this one (numerics differ from CPU to CPU)
+        self.extras["machines"] = sorted({*self.extras.get("machines", []), *state.get("machines", [])})
         return state
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -73,12 +77,14 @@ def run_training(config, stage: str, prepared, folder: Path, init_checkpoint: Pa
     """Train ``stage`` in this process (every torchrun process calls it); rank 0 writes the result."""
     rank, world, device = init_distributed()
     schedule = config.warmup if stage == "warmup" else config.train
-    ctx = LocalContext(stage, folder, rank, world, device, schedule.epochs)
-    inputs = StageInputs(prepared.manifest, prepared.split_dir, init_checkpoint, extras or {})
+    # rank 0's machine (under torchrun across nodes, the others' are not asked), and those of resumed epochs
+    extras = {**(extras or {}), "machines": [machine()]}
+    ctx = LocalContext(stage, folder, rank, world, device, schedule.epochs, extras)
+    inputs = StageInputs(prepared.manifest, prepared.split_dir, init_checkpoint, extras)
     result = fit(config, stage, inputs, ctx)
     best = folder / "best.pt"
     result["checkpoint"] = str(best if best.is_file() else folder / "last.pt")
-    result["machines"] = [machine()]  # rank 0's machine (under torchrun across nodes, the others' are not asked)
+    result["machines"] = extras["machines"]
     if rank == 0:
         write_result(folder, result)
     return result

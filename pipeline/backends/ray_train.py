@@ -231,12 +231,14 @@ PROGRESS_EVERY = 1.0  # seconds between a worker's progress updates: enough for 
 class RayContext:
     """The StageContext of a Ray Train worker: checkpoints through ``ray.train.report``."""
 
-    def __init__(self, stage: str, epochs: int, tracking: dict | None, run_dir: str | None = None):
+    def __init__(self, stage: str, epochs: int, tracking: dict | None, run_dir: str | None = None,
+                 extras: dict | None = None):  # fmt: skip
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.stage, self.epochs, self.run_dir = stage, epochs, run_dir
+        self.extras = extras if extras is not None else {}  # the dict every checkpoint stores (StageInputs.extras)
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.started = time.perf_counter()
@@ -254,20 +256,27 @@ class RayContext:
 
         checkpoint = ray.train.get_checkpoint()
         committed = _epoch_of(checkpoint.path) if checkpoint is not None else 0
-        state = _uploaded_after(self.run_dir, committed) if self.run_dir else None
-        if state is not None:
-            # The run stopped between an epoch's upload and Ray committing it (Ctrl-C, a lost driver):
-            # resume from that epoch, and report it again so that Ray keeps it with the others.
-            self._report_checkpoint(self._reported(state["metrics"], state["epoch"]), state, state["epoch"])
+        states = _uploaded_after(self.run_dir, committed) if self.run_dir else []
+        if states:
+            # Epochs in the run's folder that Ray does not know of: the run stopped between an epoch's
+            # upload and Ray committing it (Ctrl-C, a lost driver), or the folder came from another runs
+            # folder ('s4mim runs import'), without Ray's own record. Report them again, the best
+            # evaluated one first, so that Ray ranks it with the others and keeps it.
+            for state in states:
+                self._report_checkpoint(self._reported(state["metrics"], state["epoch"]), state, state["epoch"])
+            state = states[-1]
         elif checkpoint is None:
             return None
         else:
             with checkpoint.as_directory() as folder:
                 state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        # the machines that trained the epochs before this one (numerics differ from CPU to CPU)
+        self.extras["machines"] = sorted({*self.extras.get("machines", []), *state.get("machines", [])})
         if self.rank == 0:
             _emit(f"[{self.stage}] resuming after epoch {state['epoch'] + 1}")
-            stored = state.get("mlflow_run_id")
-            if self.logger is not None and stored and stored != self.logger.run_id:
+            stored = state.get("mlflow_run_id")  # not in this store when the run was imported from another
+            moved = self.logger is not None and stored and stored != self.logger.run_id
+            if moved and self.logger.tracker.has_run(stored):
                 from pipeline.tracking.runs import StepLogger
 
                 self.logger.close()
@@ -328,12 +337,13 @@ def _epoch_of(checkpoint_path: str) -> int:
     return int(name[len("epoch_") :]) if re.fullmatch(r"epoch_\d+", name) else 0
 
 
-def _uploaded_after(run_dir: str, epoch: int) -> dict | None:
-    """The newest complete checkpoint state in ``run_dir`` (local path or URI) past ``epoch``, if any.
+def _uploaded_after(run_dir: str, epoch: int) -> list[dict]:
+    """The checkpoint states in ``run_dir`` (local path or URI) past ``epoch`` to resume from: the newest
+    complete one, after the one holding its best val mIoU where that is an earlier one. Empty if none.
 
     Ray commits an uploaded checkpoint only when its controller next polls the workers; a run stopped
-    in between leaves a finished epoch's folder that Ray does not know. A folder whose copy was cut
-    short does not load, and the one before it is tried.
+    in between leaves a finished epoch's folder that Ray does not know, and an imported run's folders
+    are all unknown to it. A folder whose copy was cut short does not load, and the one before it is tried.
     """
     import io
 
@@ -346,13 +356,26 @@ def _uploaded_after(run_dir: str, epoch: int) -> dict | None:
         number = _epoch_of(info.path)
         if info.type == pafs.FileType.Directory and number > epoch:
             found.append((number, info.path))
-    for _, path in sorted(found, reverse=True):
+
+    def load(path: str) -> dict | None:
         try:
             with fs.open_input_file(f"{path}/{STATE_FILE}") as handle:
                 return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=False)
         except Exception:  # missing or truncated: an upload that did not finish
+            return None
+
+    folders = [path for _, path in sorted(found, reverse=True)]
+    for n, path in enumerate(folders):
+        newest = load(path)
+        if newest is None:
             continue
-    return None
+        if newest["metrics"].get("val/miou") == newest["best_miou"]:
+            return [newest]
+        for earlier in map(load, folders[n + 1 :]):
+            if earlier is not None and earlier["metrics"].get("val/miou") == newest["best_miou"]:
+                return [earlier, newest]
+        return [newest]
+    return []
 
 
 def _local_checkpoint(path: str | None):
@@ -404,7 +427,10 @@ def _worker_loop(loop: dict):
     config = Config.model_validate(loop["config"])
     stage = loop["stage"]
     with _local_checkpoint(loop["init_checkpoint"]) as init:
-        inputs = StageInputs(Path(loop["manifest"]), Path(loop["split_dir"]), init, loop["extras"])
+        extras = dict(loop["extras"])
+        if stage != "evaluate":  # what trained it: numerics differ from CPU to CPU
+            extras["machines"] = sorted(set(gather(machine())))
+        inputs = StageInputs(Path(loop["manifest"]), Path(loop["split_dir"]), init, extras)
         if stage == "evaluate":
             context = ray.train.get_context()
             device = ray.train.torch.get_device()
@@ -418,15 +444,14 @@ def _worker_loop(loop: dict):
                 "grid_png": evaluation.grid_png,
             }
         schedule = config.warmup if stage == "warmup" else config.train
-        context = RayContext(stage, schedule.epochs, loop["tracking"], loop["run_dir"])
+        context = RayContext(stage, schedule.epochs, loop["tracking"], loop["run_dir"], extras)  # adds earlier machines
         try:
             result = fit(config, stage, inputs, context)
         finally:
             context.close()
     result["worker_nodes"] = gather(ray.get_runtime_context().get_node_id())
     result["world_size"] = len(result["worker_nodes"])
-    if stage != "evaluate":
-        result["machines"] = sorted(set(gather(machine())))  # what trained it: numerics differ from CPU to CPU
+    result["machines"] = extras["machines"]  # every machine that trained an epoch of it, resumed ones too
     return result
 
 

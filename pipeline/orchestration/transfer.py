@@ -1,4 +1,4 @@
-"""``s4mim runs export`` / ``runs import``: a runs folder's finished stages, small enough to keep or send.
+"""``s4mim runs export`` / ``runs import``: a runs folder's stages, small enough to keep or send.
 
 An export holds what the stage cache needs to count each finished stage as done, and what a results
 table reads: every finished stage's ``result.json`` and ``hash.json`` (and evaluate's ``iou.csv``), the
@@ -8,6 +8,16 @@ checkpoint stays behind (those are the bulk of a runs folder, and nothing cached
 Imported into another runs folder, on another machine or after this one's runs folder is gone, the
 same command finds those stages cached, writes the same tables, and trains only what is missing.
 
+An interrupted warmup or train (a stage folder without ``result.json``) travels too, with the
+checkpoints it resumes from: under Ray its run's epoch folders in ``<runs>/ray/<preset>-<stage>/``
+(Ray keeps the latest and the best evaluated one), with ``--local`` the stage folder's ``last.pt`` and
+``best.pt``. The same command on the other runs folder resumes it after its last exported epoch (Ray
+is told of the best epoch again, see ``ray_train._uploaded_after``), so a long run outlives the
+machine it started on. An epoch folder Ray is still writing (its ``state.pt`` not a whole zip yet) is
+left for the next export. Each export brings the export's copy of such a stage to what the runs folder
+holds now: epoch folders Ray has since deleted are removed from it, and so are they once the stage has
+finished there.
+
 A stage travels whole or not at all. Export leaves out a stage whose weights are gone or lie outside
 the runs folder; import leaves out a stage the runs folder holds other files for (an interrupted run
 of it there). Every file is copied through a temporary file and a rename, keeping its modification
@@ -15,7 +25,8 @@ time, and a stage's ``result.json``, which marks it finished, is copied after it
 cut short never leaves a stage counted as finished without its weights. ``import`` never overwrites
 a file of the runs folder; ``export`` brings the export up to date with the runs folder (a stage
 forced to run again replaces its earlier copy). ``exports.json`` in an export lists each export made
-into it: when, which stages it added, and the CPU and torch of the machine it was made on.
+into it: when, which stages it added (and which interrupted ones, at which epoch), and the CPU and
+torch of the machine it was made on.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import filecmp
 import json
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,13 +49,15 @@ from pipeline.orchestration.results import read_result
 from pipeline.paths import is_uri
 
 RECORD_FILES = ("hash.json", "iou.csv")  # and result.json, always last
+RESUME_FILES = ("last.pt", "best.pt")  # an interrupted --local stage's checkpoints, in its stage folder
 PREPARED_FOLDERS = ("manifests", "splits")
 LOG = "exports.json"
 
 
 @dataclass
 class Transfer:
-    stages: list[str] = field(default_factory=list)  # <preset>/<stage folder> of each stage copied
+    stages: list[str] = field(default_factory=list)  # <preset>/<stage folder> of each finished stage copied
+    interrupted: list[str] = field(default_factory=list)  # each interrupted one copied, "<preset>/<stage> @ <epoch>"
     files: int = 0  # files written
     bytes: int = 0
     left_out: list[str] = field(default_factory=list)  # each stage left out, and why
@@ -58,6 +72,41 @@ def _finished(root: Path) -> list[tuple[Path, dict]]:
     for folder in sorted((root / "stages").glob("*/*")):
         if folder.is_dir() and CACHE_FOLDER.fullmatch(folder.name) and (result := read_result(folder)) is not None:
             out.append((folder, result))
+    return out
+
+
+def _ray_run(folder: Path, root: Path) -> Path:
+    """The Ray run folder of the stage in ``folder``: ``ray_train.run_name`` is ``<preset>-<stage>-<hash>``,
+    the stage folder ``stages/<preset>/<stage>-<hash>``."""
+    return root / "ray" / f"{folder.parent.name}-{folder.name}"
+
+
+def _complete(path: Path) -> bool:
+    """A checkpoint file written to its end: ``torch.save`` writes a zip, whose directory comes last."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _interrupted(root: Path) -> list[tuple[Path, Files, str]]:
+    """Each interrupted warmup or train under ``root/stages`` with a checkpoint to resume from: its folder, the
+    files it resumes from (``hash.json`` first) and its newest epoch (``last.pt`` with ``--local``)."""
+    out = []
+    for folder in sorted((root / "stages").glob("*/*")):
+        trains = folder.name.startswith(("warmup-", "train-")) and CACHE_FOLDER.fullmatch(folder.name)
+        if not (trains and (folder / "hash.json").is_file() and read_result(folder) is None):
+            continue
+        local = [folder / name for name in RESUME_FILES if (folder / name).is_file()]
+        run = _ray_run(folder, root)
+        epochs = [e for e in sorted(run.glob("epoch_*")) if e.is_dir() and all(map(_complete, e.glob("*.pt")))]
+        if not local and not epochs:
+            continue  # stopped before its first epoch: nothing to resume from
+        files = [(folder / "hash.json", folder.relative_to(root) / "hash.json")]
+        files += [(path, path.relative_to(root)) for path in local]
+        for epoch in epochs:
+            files += _tree(epoch, epoch.relative_to(root))
+        out.append((folder, files, epochs[-1].name if epochs else "last.pt"))
     return out
 
 
@@ -128,9 +177,10 @@ def _os_errors_reported(action: str) -> Iterator[None]:
 def export_runs(runs: Path, dest: Path) -> Transfer:
     """Bring ``dest`` up to date with the finished stages of ``runs``."""
     runs, dest = Path(runs), Path(dest)
-    stages = _finished(runs)
-    if not stages:
-        raise UsageError(f"{runs} holds no finished stage: point S4MIM_RUNS at the runs folder to export")
+    stages, interrupted = _finished(runs), _interrupted(runs)
+    if not stages and not interrupted:
+        raise UsageError(f"{runs} holds no finished or interrupted stage: point S4MIM_RUNS at the runs folder "
+                         "to export")  # fmt: skip
     if _under(dest, runs) or _under(runs, dest):
         raise UsageError(f"{dest}: export into a folder outside the runs folder {runs}")
     log = _read_log(dest)
@@ -151,15 +201,47 @@ def export_runs(runs: Path, dest: Path) -> Transfer:
                     done.left_out.append(why)
                     continue
         written = done.files
-        for path, rel in [*weights, *_records(folder, runs), _result(folder, runs)]:
+        files = [*weights, *_records(folder, runs), _result(folder, runs)]
+        for path, rel in files:
             _copy(path, dest / rel, done)
+        _prune(dest, folder.relative_to(runs), {rel for _, rel in files})  # an earlier export's epochs of it
         if done.files > written:
             done.stages.append(str(folder.relative_to(runs / "stages")))
-    if done.stages:
-        log.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-                    "stages": done.stages})  # fmt: skip
+    for folder, files, epoch in interrupted:
+        written = done.files
+        try:
+            for path, rel in files:
+                _copy(path, dest / rel, done)
+        except FileNotFoundError:
+            continue  # Ray deleted an epoch folder it no longer keeps: the next export copies what it keeps
+        removed = _prune(dest, folder.relative_to(runs), {rel for _, rel in files})
+        if done.files > written or removed:
+            done.interrupted.append(f"{folder.relative_to(runs / 'stages')} @ {epoch}")
+    if done.stages or done.interrupted:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+                 "stages": done.stages}  # fmt: skip
+        if done.interrupted:
+            entry["interrupted"] = done.interrupted
+        log.append(entry)
         write_text(dest / LOG, json.dumps(log, indent=1) + "\n")
     return done
+
+
+def _prune(dest: Path, stage: Path, keep: set[Path]) -> bool:
+    """Delete the files an earlier export left of ``stage`` (``stages/<preset>/<stage>``) in ``dest``, in its
+    folder and its Ray run's, that are not in ``keep``: the epochs Ray has deleted since, and those of an
+    interrupted stage that has finished. Returns whether it deleted any."""
+    removed = False
+    for folder in (dest / stage, _ray_run(dest / stage, dest)):
+        for path in sorted(folder.rglob("*"), reverse=True) if folder.is_dir() else []:
+            if path.is_file() and path.relative_to(dest) not in keep:
+                path.unlink()
+                removed = True
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def _read_log(dest: Path) -> list:
@@ -180,10 +262,10 @@ def _read_log(dest: Path) -> list:
 def import_runs(source: Path, runs: Path) -> Transfer:
     """Copy into ``runs`` the finished stages of the export ``source`` that it does not hold yet."""
     source, runs = Path(source), Path(runs)
-    stages = _finished(source)
-    if not stages:
-        raise UsageError(f"{source} is not an export of finished stages (no stages/<preset>/<stage>/result.json "
-                         "in it): make one with 's4mim runs export FOLDER'")  # fmt: skip
+    stages, interrupted = _finished(source), _interrupted(source)
+    if not stages and not interrupted:
+        raise UsageError(f"{source} is not an export of stages (no stages/<preset>/<stage>/result.json in it, nor "
+                         "an interrupted stage's checkpoints): make one with 's4mim runs export FOLDER'")  # fmt: skip
     done = Transfer()
     for name in PREPARED_FOLDERS:
         for path, rel in _tree(source / name, Path(name)) if (source / name).is_dir() else []:
@@ -207,4 +289,23 @@ def import_runs(source: Path, runs: Path) -> Transfer:
         for path, rel in [*files, _result(folder, source)]:
             _copy(path, runs / rel, done)
         done.stages.append(str(folder.relative_to(source / "stages")))
+    for folder, files, epoch in interrupted:
+        target = runs / folder.relative_to(source)
+        if read_result(target) is not None:
+            continue  # finished here
+        theirs = {rel: path for path, rel in files}
+        held = [path for path in [*(target / name for name in RESUME_FILES), *_ray_run(target, runs).rglob("*")]
+                if path.is_file()]  # fmt: skip
+        other = next((path for path in held if path.relative_to(runs) not in theirs
+                      or not filecmp.cmp(theirs[path.relative_to(runs)], path, shallow=False)), None)  # fmt: skip
+        if other is not None:
+            done.left_out.append(f"{folder.name}: the runs folder holds an interrupted run of it ({other}): "
+                                 f"resume it here, or delete {target} and {_ray_run(target, runs)} to import "
+                                 "the export's")  # fmt: skip
+            continue
+        written = done.files
+        for path, rel in files:
+            _copy(path, runs / rel, done)
+        if done.files > written:
+            done.interrupted.append(f"{folder.relative_to(source / 'stages')} @ {epoch}")
     return done

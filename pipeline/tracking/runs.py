@@ -199,6 +199,15 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
+    def has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
     def last_step(self, run_id: str, key: str) -> int:
         history = self.client.get_metric_history(run_id, key)
         return max((m.step for m in history), default=-1)

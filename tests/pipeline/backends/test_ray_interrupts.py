@@ -5,10 +5,12 @@ Slow (each case starts Ray): ``make test-slow``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from ray._private.utils import get_num_cpus
@@ -102,3 +104,35 @@ def test_a_cluster_that_dies_mid_run_is_one_line_and_the_rerun_resumes(tiny_shap
     done = run_s4mim(*args, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split("[warmup] resuming after epoch ", 1)[1].split()[0]) >= 2
+
+
+def test_an_interrupted_run_exported_and_imported_elsewhere_resumes_there_keeping_its_best_epoch(tiny_shapes, tmp_path):
+    """Ctrl-C mid-warmup, 's4mim runs export', 'runs import' into an empty runs folder (another machine's):
+    the same command there resumes after the last exported epoch, without Ray's record of the run, and the
+    teacher it names is the epoch of the best val mIoU over the whole run."""
+    first, second, export = tmp_path / "first", tmp_path / "second", tmp_path / "export"
+    args = _warmup_args(tiny_shapes)
+    env = {"S4MIM_RUNS": str(first), "RAY_AUTH_MODE": "disabled"}
+    code, out, err = interrupt_after(args, env, epoch_line("warmup", 3, 8))
+    assert code == 130, (out + err)[-3000:]
+    seen = last_epoch_seen(out, "warmup")
+
+    done = run_s4mim("runs", "export", str(export), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "1 interrupted" in done.stdout, done.stdout
+    done = run_s4mim("runs", "import", str(export), env={**env, "S4MIM_RUNS": str(second)})
+    assert done.returncode == 0, done.stderr
+    assert "1 interrupted" in done.stdout, done.stdout
+    assert not list((second / "ray").glob("*/*.json"))  # none of Ray's own records came along
+
+    done = run_s4mim(*args, env={**env, "S4MIM_RUNS": str(second)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = int(done.stdout.split("[warmup] resuming after epoch ", 1)[1].split()[0])
+    assert resumed >= seen, done.stdout
+    (folder,) = (second / "stages").glob("*/warmup-*")
+    result = json.loads((folder / "result.json").read_text())
+    teacher = int(Path(result["checkpoint"]).name.removeprefix("epoch_"))
+    assert Path(result["checkpoint"]).is_relative_to(second)
+    assert {c["epoch"]: c["val/miou"] for c in result["curve"]}[teacher] == result["best_miou"], result["curve"]
+    assert [c["epoch"] for c in result["curve"]] == list(range(1, 9))  # the epochs before the import counted too
+    assert result["machines"] and "cores" in result["machines"][0]

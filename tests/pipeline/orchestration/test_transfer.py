@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -63,15 +64,19 @@ def test_export_holds_finished_stages_and_the_weights_still_to_be_used(filled, t
         "stages/shapes-1_8/train-eeeeeeeeeeee/best.pt",  # no evaluate has scored it yet
         *(f"stages/shapes-1_8/{s}/{f}" for s in FINISHED for f in ("hash.json", "result.json")),
         "stages/shapes-1_8/evaluate-cccccccccccc/iou.csv",
+        # the interrupted train (--local): what it resumes from
+        "stages/shapes-1_8/train-dddddddddddd/hash.json",
+        "stages/shapes-1_8/train-dddddddddddd/last.pt",
     }
     assert sorted(done.stages) == sorted(f"shapes-1_8/{s}" for s in FINISHED) and done.left_out == []
+    assert done.interrupted == ["shapes-1_8/train-dddddddddddd @ last.pt"]
     source = filled / "stages/shapes-1_8/warmup-aaaaaaaaaaaa/result.json"
     assert (dest / "stages/shapes-1_8/warmup-aaaaaaaaaaaa/result.json").stat().st_mtime == source.stat().st_mtime
     log = json.loads((dest / "exports.json").read_text())
     assert len(log) == 1 and "cores" in log[0]["machine"]
 
     again = export_runs(filled, dest)  # nothing new: nothing written, the log not extended
-    assert again.files == 0 and again.stages == []
+    assert again.files == 0 and again.stages == [] and again.interrupted == []
     assert len(json.loads((dest / "exports.json").read_text())) == 1
 
     evaluated = filled / "stages" / "shapes-1_8" / "evaluate-cccccccccccc" / "result.json"
@@ -117,7 +122,7 @@ def test_import_keeps_what_the_runs_folder_holds_and_writes_results_last(filled,
     (mine / "ray" / "warm" / "epoch_0010" / "state.pt").write_bytes(b"half trained")
     order: list[str] = []
     copy = transfer._copy
-    monkeypatch.setattr(transfer, "_copy", lambda s, t, d: (order.append(t.name), copy(s, t, d)))
+    monkeypatch.setattr(transfer, "_copy", lambda s, t, d: (order.append((t.parent.name, t.name)), copy(s, t, d)))
     done = import_runs(dest, mine)
     assert json.loads((mine / "stages/shapes-1_8/evaluate-cccccccccccc/result.json").read_text()) == {"miou": 12.0}
     assert "shapes-1_8/evaluate-cccccccccccc" not in done.stages
@@ -125,13 +130,14 @@ def test_import_keeps_what_the_runs_folder_holds_and_writes_results_last(filled,
     assert not (mine / "stages/shapes-1_8/warmup-aaaaaaaaaaaa/result.json").exists()
     assert len(done.left_out) == 1 and "warmup-aaaaaaaaaaaa" in done.left_out[0]
     assert sorted(done.stages) == ["shapes-1_8/train-bbbbbbbbbbbb", "shapes-1_8/train-eeeeeeeeeeee"]
-    # a stage's weights and records before its result.json (train-eeeeeeeeeeee comes last)
-    assert order[-3:] == ["best.pt", "hash.json", "result.json"], order
+    # a stage's weights and records before its result.json
+    assert [name for stage, name in order if stage == "train-eeeeeeeeeeee"] == ["best.pt", "hash.json", "result.json"]
+    assert done.interrupted == ["shapes-1_8/train-dddddddddddd @ last.pt"]  # nothing of it here: imported
 
 
 def test_an_export_of_nothing_and_an_import_of_a_non_export_are_refused(tmp_path):
     (tmp_path / "runs" / "stages").mkdir(parents=True)
-    with pytest.raises(UsageError, match="no finished stage"):
+    with pytest.raises(UsageError, match="no finished or interrupted stage"):
         export_runs(tmp_path / "runs", tmp_path / "export")
     with pytest.raises(UsageError, match="not an export"):
         import_runs(tmp_path / "runs", tmp_path / "other")
@@ -189,3 +195,95 @@ def test_import_of_a_folder_that_is_no_export_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert "not an export" in one_line_error(done.stderr)
     assert tree_state(runs) == before
+
+
+def _epoch(runs: Path, run: str, name: str, whole: bool = True) -> Path:
+    """An epoch folder of a Ray run, its state.pt a zip as torch.save writes, or cut short."""
+    folder = runs / "ray" / run / name
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "state.pt", "w") as archive:
+        archive.writestr("data.pkl", f"state of {run} {name}")
+    if not whole:
+        data = (folder / "state.pt").read_bytes()
+        (folder / "state.pt").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+RUN = "shapes-1_8-train-ffffffffffff"  # the Ray run of stages/shapes-1_8/train-ffffffffffff
+
+
+def test_ray_run_names_match_the_stage_folders():
+    from pipeline.backends.ray_train import run_name
+    from pipeline.config.presets import load_preset
+    from pipeline.orchestration.orchestrate import stage_folder
+
+    config, runs = load_preset("shapes-1/8"), Path("/runs")
+    folder = stage_folder(runs, config, "train", "0123456789abcdef")
+    assert transfer._ray_run(folder, runs) == runs / "ray" / run_name(config, "train", "0123456789abcdef")
+
+
+def test_an_interrupted_ray_stage_travels_with_its_epochs_and_the_export_follows_it(filled, tmp_path):
+    dest = tmp_path / "export"
+    _stage(filled, "train-ffffffffffff", None)
+    _epoch(filled, RUN, "epoch_0003")  # the best evaluated one
+    _epoch(filled, RUN, "epoch_0005")  # the latest Ray committed
+    _epoch(filled, RUN, "epoch_0006", whole=False)  # Ray is writing it
+    (filled / "ray" / RUN / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own, by absolute paths
+    done = export_runs(filled, dest)
+    assert "shapes-1_8/train-ffffffffffff @ epoch_0005" in done.interrupted
+    assert {p for p in _files(dest) if RUN in p or "train-ffffffffffff" in p} == {
+        "stages/shapes-1_8/train-ffffffffffff/hash.json",
+        f"ray/{RUN}/epoch_0003/state.pt",
+        f"ray/{RUN}/epoch_0005/state.pt",
+    }
+    assert json.loads((dest / "exports.json").read_text())[-1]["interrupted"] == done.interrupted
+
+    # Ray finished epoch 6, then 7, and deleted epoch 5: the export follows
+    shutil.rmtree(filled / "ray" / RUN / "epoch_0006")
+    _epoch(filled, RUN, "epoch_0006")
+    _epoch(filled, RUN, "epoch_0007")
+    shutil.rmtree(filled / "ray" / RUN / "epoch_0005")
+    shutil.rmtree(filled / "ray" / RUN / "epoch_0006")
+    assert export_runs(filled, dest).interrupted == ["shapes-1_8/train-ffffffffffff @ epoch_0007"]
+    assert {p for p in _files(dest) if RUN in p} == {f"ray/{RUN}/epoch_0003/state.pt", f"ray/{RUN}/epoch_0007/state.pt"}
+    assert not (dest / "ray" / RUN / "epoch_0005").exists()
+
+    # it finished, and an evaluate scored its best checkpoint: only its records stay in the export
+    best = filled / "ray" / RUN / "epoch_0003"
+    _write_result(filled / "stages/shapes-1_8/train-ffffffffffff", {"best_miou": 52.0, "checkpoint": str(best)})
+    _stage(filled, "evaluate-999999999999", {"miou": 52.0, "evaluated": str(best)})
+    done = export_runs(filled, dest)
+    assert "shapes-1_8/train-ffffffffffff" in done.stages and done.interrupted == []
+    assert not (dest / "ray" / RUN).exists()
+    assert (dest / "stages/shapes-1_8/train-ffffffffffff/result.json").is_file()
+
+
+def _write_result(folder: Path, result: dict) -> None:
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def test_an_imported_interrupted_stage_lands_where_it_resumes_unless_one_is_running_there(filled, tmp_path):
+    dest = tmp_path / "export"
+    _stage(filled, "train-ffffffffffff", None)
+    _epoch(filled, RUN, "epoch_0003")
+    _epoch(filled, RUN, "epoch_0005")
+    export_runs(filled, dest)
+
+    elsewhere = tmp_path / "elsewhere"
+    done = import_runs(dest, elsewhere)
+    assert sorted(done.interrupted) == ["shapes-1_8/train-dddddddddddd @ last.pt",
+                                        "shapes-1_8/train-ffffffffffff @ epoch_0005"]  # fmt: skip
+    for rel in (f"ray/{RUN}/epoch_0003/state.pt", f"ray/{RUN}/epoch_0005/state.pt"):
+        assert (elsewhere / rel).read_bytes() == (filled / rel).read_bytes()
+    assert not (elsewhere / "stages/shapes-1_8/train-ffffffffffff/result.json").exists()  # still to finish
+    assert import_runs(dest, elsewhere).interrupted == []  # imported already: nothing to do
+
+    mine = tmp_path / "mine"  # a run of the same stage got further here: kept, the export's left out
+    _stage(mine, "train-ffffffffffff", None)
+    ours = _epoch(mine, RUN, "epoch_0009") / "state.pt"
+    before = ours.read_bytes()
+    done = import_runs(dest, mine)
+    assert "shapes-1_8/train-ffffffffffff @ epoch_0005" not in done.interrupted
+    (why,) = [w for w in done.left_out if "train-ffffffffffff" in w]
+    assert "interrupted run of it" in why and "epoch_0009" in why
+    assert ours.read_bytes() == before and not (mine / "ray" / RUN / "epoch_0005").exists()
