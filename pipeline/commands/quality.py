@@ -692,13 +692,13 @@ def _against_reference(
 
 
 def _machine() -> str:
-    import os
-    import platform
-
+    """The machine that wrote the table (``pipeline.machine.machine``), and its GPUs."""
     import torch
 
-    device = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "torch on CPU"
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {device}"
+    from pipeline.machine import machine
+
+    gpus = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no GPU"
+    return f"{machine()}, {gpus}"
 
 
 def bar_chart(cells: list[Cell], title: str, out: Path, unit: str = "seed") -> None:

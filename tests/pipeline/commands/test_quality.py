@@ -41,12 +41,15 @@ def test_results_table_gives_mean_std_and_each_seed(tiny_config):
 
 
 def test_results_table_names_the_machines_that_trained_its_runs(tiny_config):
+    from pipeline.machine import machine
+
     a, b = "CPU A, 2 cores, torch 2.x (AVX512 kernels)", "CPU B, 16 cores, torch 2.x (AVX2 kernels)"
     cells = [Cell("unimatch", {0: 50.0, 1: 52.0}, machines={0: [a], 1: [b]}), Cell("s4mim", {0: 49.0, 1: 48.0},
              machines={0: [a]})]  # fmt: skip
     text = results_markdown(tiny_config(), cells, [0, 1], 3, 7, 125.0, "s4mim quality", "abc123", {})
     assert f"Train stages trained on: {a} (2 runs); {b} (1 runs); a machine not recorded" in text
     assert "(trained before results named it) (1 runs)." in text
+    assert f"of wall time on {machine()}, no GPU" in text or "CUDA GPU(s)" in text  # the machine that wrote it
     older = [Cell("unimatch", {0: 50.0})]  # no run names its machine: no line
     assert "trained on" not in results_markdown(tiny_config(), older, [0], 3, 7, 1.0, "s4mim quality", "abc", {})
 
