@@ -265,6 +265,11 @@ class RayContext:
             for state in states:
                 self._report_checkpoint(self._reported(state["metrics"], state["epoch"]), state, state["epoch"])
             state = states[-1]
+            best = state["best_miou"]
+            lost = checkpoint is None and best >= 0 and all(s["metrics"].get("val/miou") != best for s in states)
+            if lost and self.rank == 0:
+                _emit(f"[{self.stage}] the epoch of its best val mIoU so far ({best:.2f}) is not among the "
+                      "checkpoints to resume from: the best checkpoint comes from the epochs from here on")  # fmt: skip
         elif checkpoint is None:
             return None
         else:

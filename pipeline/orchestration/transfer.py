@@ -9,14 +9,15 @@ Imported into another runs folder, on another machine or after this one's runs f
 same command finds those stages cached, writes the same tables, and trains only what is missing.
 
 An interrupted warmup or train (a stage folder without ``result.json``) travels too, with the
-checkpoints it resumes from: under Ray its run's epoch folders in ``<runs>/ray/<preset>-<stage>/``
+checkpoints it resumes from: under Ray its run's epoch folders in ``<runs>/ray/<preset>-<stage>-<hash>/``
 (Ray keeps the latest and the best evaluated one), with ``--local`` the stage folder's ``last.pt`` and
 ``best.pt``. The same command on the other runs folder resumes it after its last exported epoch (Ray
 is told of the best epoch again, see ``ray_train._uploaded_after``), so a long run outlives the
-machine it started on. An epoch folder Ray is still writing (its ``state.pt`` not a whole zip yet) is
-left for the next export. Each export brings the export's copy of such a stage to what the runs folder
-holds now: epoch folders Ray has since deleted are removed from it, and so are they once the stage has
-finished there.
+machine it started on. An epoch folder Ray is still writing (its ``state.pt`` missing or not a whole
+zip yet) is left for the next export. Each export brings the export's copy of a stage to what the runs
+folder holds now: epoch folders Ray has since deleted are removed from it, and so are an interrupted
+stage's once it has finished there, and a train checkpoint once an evaluate has scored it. Ray
+checkpoints kept elsewhere (``S4MIM_STORAGE``) do not travel.
 
 A stage travels whole or not at all. Export leaves out a stage whose weights are gone or lie outside
 the runs folder; import leaves out a stage the runs folder holds other files for (an interrupted run
@@ -26,13 +27,15 @@ cut short never leaves a stage counted as finished without its weights. ``import
 a file of the runs folder; ``export`` brings the export up to date with the runs folder (a stage
 forced to run again replaces its earlier copy). ``exports.json`` in an export lists each export made
 into it: when, which stages it added (and which interrupted ones, at which epoch), and the CPU and
-torch of the machine it was made on.
+torch of the machine it was made on. Import keeps every file of the runs folder, but for the epochs
+an earlier import of an interrupted stage left there, older than the export's newest, which it replaces.
 """
 
 from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 import time
 import zipfile
@@ -89,6 +92,16 @@ def _complete(path: Path) -> bool:
         return False
 
 
+def _epoch_number(name: str) -> int:
+    return int(name.removeprefix("epoch_")) if name.startswith("epoch_") and name[6:].isdigit() else 0
+
+
+def _elsewhere(runs: Path) -> str | None:
+    """Where Ray keeps checkpoints when ``S4MIM_STORAGE`` puts them outside ``<runs>/ray``."""
+    storage = os.environ.get("S4MIM_STORAGE")
+    return storage if storage and Path(storage).resolve() != (runs / "ray").resolve() else None
+
+
 def _interrupted(root: Path) -> list[tuple[Path, Files, str]]:
     """Each interrupted warmup or train under ``root/stages`` with a checkpoint to resume from: its folder, the
     files it resumes from (``hash.json`` first) and its newest epoch (``last.pt`` with ``--local``)."""
@@ -97,16 +110,17 @@ def _interrupted(root: Path) -> list[tuple[Path, Files, str]]:
         trains = folder.name.startswith(("warmup-", "train-")) and CACHE_FOLDER.fullmatch(folder.name)
         if not (trains and (folder / "hash.json").is_file() and read_result(folder) is None):
             continue
-        local = [folder / name for name in RESUME_FILES if (folder / name).is_file()]
-        run = _ray_run(folder, root)
-        epochs = [e for e in sorted(run.glob("epoch_*")) if e.is_dir() and all(map(_complete, e.glob("*.pt")))]
-        if not local and not epochs:
-            continue  # stopped before its first epoch: nothing to resume from
-        files = [(folder / "hash.json", folder.relative_to(root) / "hash.json")]
-        files += [(path, path.relative_to(root)) for path in local]
-        for epoch in epochs:
-            files += _tree(epoch, epoch.relative_to(root))
-        out.append((folder, files, epochs[-1].name if epochs else "last.pt"))
+        rel = folder.relative_to(root)
+        files = [(folder / "hash.json", rel / "hash.json")]
+        files += [(folder / name, rel / name) for name in RESUME_FILES if (folder / name).is_file()]
+        newest = "last.pt" if len(files) > 1 else None
+        for epoch in sorted(_ray_run(folder, root).glob("epoch_*")):
+            listed = [f for f in sorted(epoch.rglob("*")) if f.is_file()]  # the files checked are those copied
+            if epoch / "state.pt" in listed and all(_complete(f) for f in listed if f.suffix == ".pt"):
+                files += [(f, f.relative_to(root)) for f in listed]
+                newest = epoch.name
+        if newest is not None:  # else it stopped before its first epoch: nothing to resume from
+            out.append((folder, files, newest))
     return out
 
 
@@ -175,7 +189,7 @@ def _os_errors_reported(action: str) -> Iterator[None]:
 
 @_os_errors_reported("runs export")
 def export_runs(runs: Path, dest: Path) -> Transfer:
-    """Bring ``dest`` up to date with the finished stages of ``runs``."""
+    """Bring ``dest`` up to date with the finished and interrupted stages of ``runs``."""
     runs, dest = Path(runs), Path(dest)
     stages, interrupted = _finished(runs), _interrupted(runs)
     if not stages and not interrupted:
@@ -208,6 +222,10 @@ def export_runs(runs: Path, dest: Path) -> Transfer:
         if done.files > written:
             done.stages.append(str(folder.relative_to(runs / "stages")))
     for folder, files, epoch in interrupted:
+        if read_result(dest / folder.relative_to(runs)) is not None:
+            done.left_out.append(f"{folder.name}: {dest} holds it finished (exported from another runs folder); "
+                                 "its interrupted run here stays out")  # fmt: skip
+            continue
         written = done.files
         try:
             for path, rel in files:
@@ -217,6 +235,10 @@ def export_runs(runs: Path, dest: Path) -> Transfer:
         removed = _prune(dest, folder.relative_to(runs), {rel for _, rel in files})
         if done.files > written or removed:
             done.interrupted.append(f"{folder.relative_to(runs / 'stages')} @ {epoch}")
+    if (storage := _elsewhere(runs)) and any((f / "hash.json").is_file() and read_result(f) is None
+                                             for f in (runs / "stages").glob("*/train-*")):  # fmt: skip
+        done.left_out.append(f"interrupted Ray stages: their checkpoints are in S4MIM_STORAGE={storage}, which "
+                             "runs export does not read")  # fmt: skip
     if done.stages or done.interrupted:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
                  "stages": done.stages}  # fmt: skip
@@ -260,7 +282,7 @@ def _read_log(dest: Path) -> list:
 
 @_os_errors_reported("runs import")
 def import_runs(source: Path, runs: Path) -> Transfer:
-    """Copy into ``runs`` the finished stages of the export ``source`` that it does not hold yet."""
+    """Copy into ``runs`` the finished and interrupted stages of the export ``source`` that it does not hold yet."""
     source, runs = Path(source), Path(runs)
     stages, interrupted = _finished(source), _interrupted(source)
     if not stages and not interrupted:
@@ -293,19 +315,36 @@ def import_runs(source: Path, runs: Path) -> Transfer:
         target = runs / folder.relative_to(source)
         if read_result(target) is not None:
             continue  # finished here
+        run = _ray_run(target, runs)
+        if epoch != "last.pt" and (storage := _elsewhere(runs)):
+            done.left_out.append(f"{folder.name}: S4MIM_STORAGE={storage} points Ray elsewhere, where it would not "
+                                 f"find the epochs to resume from; import without it")  # fmt: skip
+            continue
         theirs = {rel: path for path, rel in files}
-        held = [path for path in [*(target / name for name in RESUME_FILES), *_ray_run(target, runs).rglob("*")]
+        held = [path for path in [target / "hash.json", *(target / name for name in RESUME_FILES), *run.rglob("*")]
                 if path.is_file()]  # fmt: skip
-        other = next((path for path in held if path.relative_to(runs) not in theirs
-                      or not filecmp.cmp(theirs[path.relative_to(runs)], path, shallow=False)), None)  # fmt: skip
+        stale, other = [], None  # epochs an earlier import of it left, older than the export's newest
+        for path in held:
+            rel = path.relative_to(runs)
+            if rel in theirs and filecmp.cmp(theirs[rel], path, shallow=False):
+                continue
+            older = path.parent.parent == run and _epoch_number(path.parent.name) < _epoch_number(epoch)
+            if rel not in theirs and older:
+                stale.append(path)
+                continue
+            other = path  # Ray's record of a run here, a newer epoch, a --local checkpoint of its own
+            break
         if other is not None:
             done.left_out.append(f"{folder.name}: the runs folder holds an interrupted run of it ({other}): "
-                                 f"resume it here, or delete {target} and {_ray_run(target, runs)} to import "
-                                 "the export's")  # fmt: skip
+                                 f"resume it here, or delete {target} and {run} to import the export's")  # fmt: skip
             continue
+        for path in stale:
+            path.unlink()
+            if not any(path.parent.iterdir()):
+                path.parent.rmdir()
         written = done.files
         for path, rel in files:
             _copy(path, runs / rel, done)
-        if done.files > written:
+        if done.files > written or stale:
             done.interrupted.append(f"{folder.relative_to(source / 'stages')} @ {epoch}")
     return done

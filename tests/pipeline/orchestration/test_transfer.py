@@ -287,3 +287,66 @@ def test_an_imported_interrupted_stage_lands_where_it_resumes_unless_one_is_runn
     (why,) = [w for w in done.left_out if "train-ffffffffffff" in w]
     assert "interrupted run of it" in why and "epoch_0009" in why
     assert ours.read_bytes() == before and not (mine / "ray" / RUN / "epoch_0005").exists()
+
+
+def test_an_epoch_folder_ray_is_still_writing_waits_for_the_next_export(filled, tmp_path):
+    _stage(filled, "train-ffffffffffff", None)
+    _epoch(filled, RUN, "epoch_0003")
+    (filled / "ray" / RUN / "epoch_0004").mkdir()  # made, its state.pt not written yet
+    done = export_runs(filled, tmp_path / "export")
+    assert "shapes-1_8/train-ffffffffffff @ epoch_0003" in done.interrupted
+    assert not (tmp_path / "export" / "ray" / RUN / "epoch_0004").exists()
+
+
+def test_a_stage_the_export_holds_finished_is_not_replaced_by_an_interrupted_run_of_it(filled, tmp_path):
+    """Machine B finished a stage imported from A and exported it; A's export of its own interrupted run
+    of that stage, later, leaves the finished one in place."""
+    dest = tmp_path / "export"
+    _stage(filled, "train-ffffffffffff", None)
+    _epoch(filled, RUN, "epoch_0005")
+    export_runs(filled, dest)
+    b = tmp_path / "b"
+    import_runs(dest, b)
+    _epoch(b, RUN, "epoch_0008")
+    _write_result(b / "stages/shapes-1_8/train-ffffffffffff", {"best_miou": 55.0,
+                  "checkpoint": str(b / "ray" / RUN / "epoch_0008")})  # fmt: skip
+    assert "shapes-1_8/train-ffffffffffff" in export_runs(b, dest).stages
+    finished = _files(dest)
+    done = export_runs(filled, dest)  # A again
+    assert _files(dest) == finished and f"ray/{RUN}/epoch_0008/state.pt" in finished
+    assert any("train-ffffffffffff" in why and "holds it finished" in why for why in done.left_out)
+
+
+def test_a_second_import_replaces_the_epochs_the_first_left_unless_the_run_went_on_here(filled, tmp_path):
+    dest, b = tmp_path / "export", tmp_path / "b"
+    _stage(filled, "train-ffffffffffff", None)
+    _epoch(filled, RUN, "epoch_0003")
+    _epoch(filled, RUN, "epoch_0005")
+    export_runs(filled, dest)
+    import_runs(dest, b)  # not resumed on b yet
+    _epoch(filled, RUN, "epoch_0007")  # a: further, and a better epoch 6 replaced 3 and 5
+    _epoch(filled, RUN, "epoch_0006")
+    shutil.rmtree(filled / "ray" / RUN / "epoch_0003")
+    shutil.rmtree(filled / "ray" / RUN / "epoch_0005")
+    export_runs(filled, dest)
+    assert import_runs(dest, b).interrupted == ["shapes-1_8/train-ffffffffffff @ epoch_0007"]
+    assert sorted(p.name for p in (b / "ray" / RUN).iterdir()) == ["epoch_0006", "epoch_0007"]
+
+    (b / "ray" / RUN / "checkpoint_manager_snapshot.json").write_text("{}")  # it ran on b since: kept
+    _epoch(filled, RUN, "epoch_0009")
+    export_runs(filled, dest)
+    done = import_runs(dest, b)
+    assert done.interrupted == [] and any("interrupted run of it" in why for why in done.left_out)
+    assert not (b / "ray" / RUN / "epoch_0009").exists()
+
+
+def test_ray_checkpoints_kept_outside_the_runs_folder_are_named_not_lost(filled, tmp_path, monkeypatch):
+    dest = tmp_path / "export"
+    _stage(filled, "train-ffffffffffff", None)
+    _epoch(filled, RUN, "epoch_0003")
+    export_runs(filled, dest)
+    monkeypatch.setenv("S4MIM_STORAGE", str(tmp_path / "bucket"))
+    done = import_runs(dest, tmp_path / "b")
+    assert not (tmp_path / "b" / "ray" / RUN).exists()
+    assert any("train-ffffffffffff" in why and "S4MIM_STORAGE" in why for why in done.left_out)
+    assert any("S4MIM_STORAGE" in why for why in export_runs(filled, tmp_path / "export2").left_out)
