@@ -44,12 +44,18 @@ def relocated(checkpoint: str, folder: Path) -> str:
     path, folder = Path(checkpoint), folder.resolve()
     if is_uri(checkpoint) or not path.is_absolute() or path.exists() or len(folder.parents) < 3:
         return checkpoint
-    runs = folder.parents[2]
+    found = found_under(folder.parents[2], path)
+    return str(found) if found is not None else checkpoint
+
+
+def found_under(root: Path, path: Path) -> Path | None:
+    """Where ``path``, named under another root, lies under ``root``: its longest tail of two parts or more
+    (``<folder>/<file>`` at least) that exists there, or None."""
     for start in range(1, len(path.parts) - 1):
-        candidate = runs.joinpath(*path.parts[start:])
+        candidate = root.joinpath(*path.parts[start:])
         if candidate.exists():
-            return str(candidate)
-    return checkpoint
+            return candidate
+    return None
 
 
 def write_evaluation(folder: Path, evaluation, checkpoint: Path) -> dict:

@@ -48,7 +48,7 @@ from data_prep.atomic import atomic_path, write_text
 from pipeline.errors import UsageError
 from pipeline.machine import machine
 from pipeline.orchestration.orchestrate import CACHE_FOLDER
-from pipeline.orchestration.results import read_result
+from pipeline.orchestration.results import found_under, read_result
 from pipeline.paths import is_uri
 
 RECORD_FILES = ("hash.json", "iou.csv")  # and result.json, always last
@@ -136,16 +136,10 @@ def _tree(path: Path, rel: Path) -> Files:
 
 
 def _find(root: Path, checkpoint: str) -> Path | None:
-    """The checkpoint a result names, under ``root``: results name it by absolute path, and a runs folder
-    or an export keeps the layout below it, so it is looked for by its tail, the longest first."""
-    if is_uri(checkpoint):
-        return None
-    parts = Path(checkpoint).parts
-    for start in range(1, len(parts)):
-        candidate = root.joinpath(*parts[start:])
-        if candidate.exists() and _under(candidate, root):
-            return candidate
-    return None
+    """The checkpoint a result names, under ``root`` (results name it by absolute path; a runs folder or an
+    export keeps the layout below it), or None where it is not there or leads outside ``root``."""
+    found = None if is_uri(checkpoint) else found_under(root, Path(checkpoint))
+    return found if found is not None and _under(found, root) else None
 
 
 def _weights(root: Path, folder: Path, result: dict) -> tuple[Files, str | None]:
@@ -157,6 +151,11 @@ def _weights(root: Path, folder: Path, result: dict) -> tuple[Files, str | None]
     if path is None:
         return [], f"{folder.name}: its checkpoint {checkpoint} is not in {root}"
     return _tree(path, path.resolve().relative_to(root.resolve())), None
+
+
+def _prepared(root: Path) -> Files:
+    """The prepared manifests and splits under ``root``."""
+    return [item for name in PREPARED_FOLDERS if (root / name).is_dir() for item in _tree(root / name, Path(name))]
 
 
 def _records(folder: Path, root: Path) -> Files:
@@ -202,9 +201,8 @@ def export_runs(runs: Path, dest: Path) -> Transfer:
     scored = {Path(r["evaluated"]).parts[-2:] for f, r in stages
               if f.name.startswith("evaluate-") and isinstance(r.get("evaluated"), str)}  # fmt: skip
     done = Transfer()
-    for name in PREPARED_FOLDERS:
-        for path, rel in _tree(runs / name, Path(name)) if (runs / name).is_dir() else []:
-            _copy(path, dest / rel, done)
+    for path, rel in _prepared(runs):
+        _copy(path, dest / rel, done)
     for folder, result in stages:
         weights: Files = []
         if folder.name.startswith(("warmup-", "train-")):
@@ -289,10 +287,9 @@ def import_runs(source: Path, runs: Path) -> Transfer:
         raise UsageError(f"{source} is not an export of stages (no stages/<preset>/<stage>/result.json in it, nor "
                          "an interrupted stage's checkpoints): make one with 's4mim runs export FOLDER'")  # fmt: skip
     done = Transfer()
-    for name in PREPARED_FOLDERS:
-        for path, rel in _tree(source / name, Path(name)) if (source / name).is_dir() else []:
-            if not (runs / rel).exists():
-                _copy(path, runs / rel, done)
+    for path, rel in _prepared(source):
+        if not (runs / rel).exists():
+            _copy(path, runs / rel, done)
     for folder, result in stages:
         target = runs / folder.relative_to(source)
         if (target / "result.json").exists():
