@@ -23,3 +23,10 @@ def machine() -> str:
 
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.backends.cpu.get_cpu_capability()} kernels)")  # fmt: skip
+
+
+def with_earlier(machines: list[str], state: dict) -> list[str]:
+    """``machines`` and those that trained the epochs of the checkpoint ``state`` a stage resumes from
+    (a checkpoint written before checkpoints named them says which of its epochs are unaccounted for)."""
+    earlier = state.get("machines") or [f"not recorded (epochs 1-{state['epoch'] + 1})"]
+    return sorted({*machines, *earlier})

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from data_prep.atomic import atomic_path
 from pipeline.console import format_metrics, progress, say
-from pipeline.machine import machine
+from pipeline.machine import machine, with_earlier
 from pipeline.orchestration.results import write_evaluation, write_result
 from pipeline.training.distributed import init_distributed
 from pipeline.training.stages import EPOCH_KEYS, StageInputs, evaluate, fit
@@ -48,7 +48,7 @@ class LocalContext:
         state = torch.load(last, map_location="cpu", weights_only=False)
         say(f"[{self.stage}] resuming after epoch {state['epoch'] + 1} from {last}")
         # the machines that trained the epochs before this one (numerics differ from CPU to CPU)
-        self.extras["machines"] = sorted({*self.extras.get("machines", []), *state.get("machines", [])})
+        self.extras["machines"] = with_earlier(self.extras.get("machines", []), state)
         return state
 
     def log(self, metrics: dict[str, float], step: int) -> None:

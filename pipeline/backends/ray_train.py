@@ -27,6 +27,7 @@ from pipeline.backends.worker_logs import route_worker_output, stage_log, tail
 from pipeline.config.schema import Config
 from pipeline.console import event, prints_into, say
 from pipeline.errors import UsageError, find_user_error
+from pipeline.machine import with_earlier
 from pipeline.orchestration.hashing import stage_hash
 from pipeline.paths import is_uri, ray_address, slug
 from pipeline.signals import retake_stop_signals
@@ -276,7 +277,7 @@ class RayContext:
             with checkpoint.as_directory() as folder:
                 state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         # the machines that trained the epochs before this one (numerics differ from CPU to CPU)
-        self.extras["machines"] = sorted({*self.extras.get("machines", []), *state.get("machines", [])})
+        self.extras["machines"] = with_earlier(self.extras.get("machines", []), state)
         if self.rank == 0:
             _emit(f"[{self.stage}] resuming after epoch {state['epoch'] + 1}")
             stored = state.get("mlflow_run_id")  # not in this store when the run was imported from another

@@ -54,6 +54,10 @@ def test_a_resumed_local_stage_keeps_the_machines_of_its_earlier_epochs(tmp_path
     context = LocalContext("train", tmp_path, 0, 1, torch.device("cpu"), 5, extras)
     assert context.restore()["epoch"] == 2
     assert extras["machines"] == ["machine A", "machine B"]  # what the next checkpoints store
+    torch.save({"epoch": 3}, tmp_path / "last.pt")  # written before checkpoints named their machines
+    extras = {"machines": ["machine B"]}
+    LocalContext("train", tmp_path, 0, 1, torch.device("cpu"), 5, extras).restore()
+    assert extras["machines"] == ["machine B", "not recorded (epochs 1-4)"]
 
 
 RESUME = textwrap.dedent(
