@@ -21,6 +21,8 @@ if [ ! -d "$EXP/tree" ]; then
   mkdir -p "$EXP/tree" && git -C "$REPO" archive HEAD | tar -x -C "$EXP/tree"
 fi
 S4MIM_RUNS=$EXP/runs "$S4MIM" runs import "$EXPORT"
+# the data once, before two commands would each start generating it
+[ -f "$EXP/data/shapes/shapes.json" ] || "$S4MIM" data synth --seed 0 --root "$EXP/data/shapes"
 
 q() {  # one quality table from the frozen tree, one thread per run
   (cd "$EXP/tree" && PYTHONPATH=$EXP/tree S4MIM_RUNS=$EXP/runs S4MIM_DATA=$EXP/data \
