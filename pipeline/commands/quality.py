@@ -456,7 +456,7 @@ def dry_run_lines(base, seeds: list[int], epochs: int | None, steps: int | None,
             continue
         left += 1
         warmups.update(str(s.folder or (config.data.synth_seed, config.seed)) for s in todo if s.name == "warmup")
-        stages = ", ".join(s.name + (" (resumes)" if s.detail == "resumes" else "") for s in todo)
+        stages = ", ".join(s.name + (f" ({s.detail})" if s.detail.startswith("resumes") else "") for s in todo)
         lines.append(f"   to train: {name}, {column(sample)}: {stages}")
     head = (f"{len(planned)} runs of {epochs} epochs of {steps} steps: {len(planned) - left} cached, {left} to train"
             + (f" ({len(warmups)} warmup(s) first)" if warmups else ""))  # fmt: skip

@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -93,6 +94,27 @@ class StageStatus:
 
 def stage_folder(runs: Path, config: Config, stage: str, inputs_hash: str) -> Path:
     return runs / "stages" / slug(config.preset) / f"{stage}-{stage_hash(config, stage, inputs_hash)}"
+
+
+def ray_run_folder(folder: Path, runs: Path) -> Path:
+    """Where Ray keeps the checkpoints of the stage in ``folder`` (unless ``S4MIM_STORAGE`` moves them): the run
+    ``ray_train.run_name`` names ``<preset>-<stage>-<hash>``, the stage folder ``stages/<preset>/<stage>-<hash>``."""
+    return runs / "ray" / f"{folder.parent.name}-{folder.name}"
+
+
+def complete_checkpoint(path: Path) -> bool:
+    """A checkpoint file written to its end: ``torch.save`` writes a zip, whose directory comes last."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def resumes(folder: Path, runs: Path) -> str:
+    """What an interrupted stage in ``folder`` resumes from, in words: its newest whole epoch under Ray."""
+    done = [int(e.name[6:]) for e in ray_run_folder(folder, runs).glob("epoch_*")
+            if e.name[6:].isdigit() and complete_checkpoint(e / "state.pt")]  # fmt: skip
+    return f"resumes after epoch {max(done)}" if done else "resumes"
 
 
 def open_stage_folder(folder: Path, config: Config, stage: str, inputs_hash: str) -> Path:
@@ -298,7 +320,7 @@ def plan(config: Config, runs: Path, force: list[str]) -> list[StageStatus]:
             if stage in forced:
                 detail = "forced"
             elif folder.is_dir():  # an interrupted run of it (with --local, last.pt is in there)
-                detail = "resumes"
+                detail = resumes(folder, runs)
             else:
                 detail = why_not_cached(runs, config, stage, inputs)
             statuses.append(StageStatus(stage, "planned", folder, detail=detail))

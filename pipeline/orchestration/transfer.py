@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import time
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from pathlib import Path
 from data_prep.atomic import atomic_path, write_text
 from pipeline.errors import UsageError
 from pipeline.machine import machine
-from pipeline.orchestration.orchestrate import CACHE_FOLDER
+from pipeline.orchestration.orchestrate import CACHE_FOLDER, complete_checkpoint, ray_run_folder
 from pipeline.orchestration.results import found_under, read_result
 from pipeline.paths import is_uri
 
@@ -78,20 +77,6 @@ def _finished(root: Path) -> list[tuple[Path, dict]]:
     return out
 
 
-def _ray_run(folder: Path, root: Path) -> Path:
-    """The Ray run folder of the stage in ``folder``: ``ray_train.run_name`` is ``<preset>-<stage>-<hash>``,
-    the stage folder ``stages/<preset>/<stage>-<hash>``."""
-    return root / "ray" / f"{folder.parent.name}-{folder.name}"
-
-
-def _complete(path: Path) -> bool:
-    """A checkpoint file written to its end: ``torch.save`` writes a zip, whose directory comes last."""
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
 def _epoch_number(name: str) -> int:
     return int(name.removeprefix("epoch_")) if name.startswith("epoch_") and name[6:].isdigit() else 0
 
@@ -114,9 +99,9 @@ def _interrupted(root: Path) -> list[tuple[Path, Files, str]]:
         files = [(folder / "hash.json", rel / "hash.json")]
         files += [(folder / name, rel / name) for name in RESUME_FILES if (folder / name).is_file()]
         newest = "last.pt" if len(files) > 1 else None
-        for epoch in sorted(_ray_run(folder, root).glob("epoch_*")):
+        for epoch in sorted(ray_run_folder(folder, root).glob("epoch_*")):
             listed = [f for f in sorted(epoch.rglob("*")) if f.is_file()]  # the files checked are those copied
-            if epoch / "state.pt" in listed and all(_complete(f) for f in listed if f.suffix == ".pt"):
+            if epoch / "state.pt" in listed and all(complete_checkpoint(f) for f in listed if f.suffix == ".pt"):
                 files += [(f, f.relative_to(root)) for f in listed]
                 newest = epoch.name
         if newest is not None:  # else it stopped before its first epoch: nothing to resume from
@@ -252,7 +237,7 @@ def _prune(dest: Path, stage: Path, keep: set[Path]) -> bool:
     folder and its Ray run's, that are not in ``keep``: the epochs Ray has deleted since, and those of an
     interrupted stage that has finished. Returns whether it deleted any."""
     removed = False
-    for folder in (dest / stage, _ray_run(dest / stage, dest)):
+    for folder in (dest / stage, ray_run_folder(dest / stage, dest)):
         for path in sorted(folder.rglob("*"), reverse=True) if folder.is_dir() else []:
             if path.is_file() and path.relative_to(dest) not in keep:
                 path.unlink()
@@ -312,7 +297,7 @@ def import_runs(source: Path, runs: Path) -> Transfer:
         target = runs / folder.relative_to(source)
         if read_result(target) is not None:
             continue  # finished here
-        run = _ray_run(target, runs)
+        run = ray_run_folder(target, runs)
         if epoch != "last.pt" and (storage := _elsewhere(runs)):
             done.left_out.append(f"{folder.name}: S4MIM_STORAGE={storage} points Ray elsewhere, where it would not "
                                  f"find the epochs to resume from; import without it")  # fmt: skip

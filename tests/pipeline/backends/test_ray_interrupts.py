@@ -124,6 +124,9 @@ def test_an_interrupted_run_exported_and_imported_elsewhere_resumes_there_keepin
     assert done.returncode == 0, done.stderr
     assert "1 interrupted" in done.stdout, done.stdout
     assert not list((second / "ray").glob("*/*.json"))  # none of Ray's own records came along
+    plan = run_s4mim("pipeline", "run", *args[1:], "--dry-run", env={**env, "S4MIM_RUNS": str(second)})
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert f"resumes after epoch {seen}" in plan.stdout or f"resumes after epoch {seen + 1}" in plan.stdout, plan.stdout
 
     done = run_s4mim(*args, env={**env, "S4MIM_RUNS": str(second)})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -212,14 +212,19 @@ def _epoch(runs: Path, run: str, name: str, whole: bool = True) -> Path:
 RUN = "shapes-1_8-train-ffffffffffff"  # the Ray run of stages/shapes-1_8/train-ffffffffffff
 
 
-def test_ray_run_names_match_the_stage_folders():
+def test_ray_run_names_match_the_stage_folders_and_say_where_a_run_resumes(tmp_path):
     from pipeline.backends.ray_train import run_name
     from pipeline.config.presets import load_preset
-    from pipeline.orchestration.orchestrate import stage_folder
+    from pipeline.orchestration.orchestrate import ray_run_folder, resumes, stage_folder
 
-    config, runs = load_preset("shapes-1/8"), Path("/runs")
+    config, runs = load_preset("shapes-1/8"), tmp_path / "runs"
     folder = stage_folder(runs, config, "train", "0123456789abcdef")
-    assert transfer._ray_run(folder, runs) == runs / "ray" / run_name(config, "train", "0123456789abcdef")
+    assert ray_run_folder(folder, runs) == runs / "ray" / run_name(config, "train", "0123456789abcdef")
+    assert resumes(folder, runs) == "resumes"  # nothing under Ray (with --local, last.pt)
+    _epoch(runs, ray_run_folder(folder, runs).name, "epoch_0003")
+    _epoch(runs, ray_run_folder(folder, runs).name, "epoch_0007")
+    _epoch(runs, ray_run_folder(folder, runs).name, "epoch_0008", whole=False)  # being written
+    assert resumes(folder, runs) == "resumes after epoch 7"
 
 
 def test_an_interrupted_ray_stage_travels_with_its_epochs_and_the_export_follows_it(filled, tmp_path):
