@@ -93,7 +93,7 @@ RESUME = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # a Ray Train job: about 30 s alone, 80 s beside an experiment
+@pytest.mark.slow  # a Ray Train job: 80 s beside an experiment (not timed alone)
 @pytest.mark.filterwarnings("ignore")
 def test_under_ray_an_imported_run_resumes_and_its_best_epoch_stays_the_best(tmp_path):
     """Epoch folders without Ray's record of them (as 's4mim runs import' leaves them): Ray Train resumes
