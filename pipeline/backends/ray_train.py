@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -29,6 +28,7 @@ from pipeline.console import event, prints_into, say
 from pipeline.errors import UsageError, find_user_error
 from pipeline.machine import with_earlier
 from pipeline.orchestration.hashing import stage_hash
+from pipeline.orchestration.orchestrate import epoch_number
 from pipeline.paths import is_uri, ray_address, slug
 from pipeline.signals import retake_stop_signals
 
@@ -339,8 +339,7 @@ class RayContext:
 
 def _epoch_of(checkpoint_path: str) -> int:
     """The epoch number in a checkpoint folder's name (``.../epoch_0003`` -> 3), 0 if it has none."""
-    name = str(checkpoint_path).rstrip("/").rsplit("/", 1)[-1]
-    return int(name[len("epoch_") :]) if re.fullmatch(r"epoch_\d+", name) else 0
+    return epoch_number(str(checkpoint_path).rstrip("/").rsplit("/", 1)[-1])
 
 
 def _uploaded_after(run_dir: str, epoch: int) -> list[dict]:

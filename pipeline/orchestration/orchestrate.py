@@ -110,10 +110,15 @@ def complete_checkpoint(path: Path) -> bool:
         return False
 
 
+def epoch_number(name: str) -> int:
+    """The epoch of a checkpoint folder's name (``epoch_0003`` -> 3), 0 for any other name."""
+    return int(name[len("epoch_") :]) if re.fullmatch(r"epoch_\d+", name) else 0
+
+
 def resumes(folder: Path, runs: Path) -> str:
     """What an interrupted stage in ``folder`` resumes from, in words: its newest whole epoch under Ray."""
-    done = [int(e.name[6:]) for e in ray_run_folder(folder, runs).glob("epoch_*")
-            if e.name[6:].isdigit() and complete_checkpoint(e / "state.pt")]  # fmt: skip
+    done = [epoch_number(e.name) for e in ray_run_folder(folder, runs).glob("epoch_*")
+            if complete_checkpoint(e / "state.pt")]  # fmt: skip
     return f"resumes after epoch {max(done)}" if done else "resumes"
 
 

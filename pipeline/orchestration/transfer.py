@@ -46,7 +46,7 @@ from pathlib import Path
 from data_prep.atomic import atomic_path, write_text
 from pipeline.errors import UsageError
 from pipeline.machine import machine
-from pipeline.orchestration.orchestrate import CACHE_FOLDER, complete_checkpoint, ray_run_folder
+from pipeline.orchestration.orchestrate import CACHE_FOLDER, complete_checkpoint, epoch_number, ray_run_folder
 from pipeline.orchestration.results import found_under, read_result
 from pipeline.paths import is_uri
 
@@ -75,10 +75,6 @@ def _finished(root: Path) -> list[tuple[Path, dict]]:
         if folder.is_dir() and CACHE_FOLDER.fullmatch(folder.name) and (result := read_result(folder)) is not None:
             out.append((folder, result))
     return out
-
-
-def _epoch_number(name: str) -> int:
-    return int(name.removeprefix("epoch_")) if name.startswith("epoch_") and name[6:].isdigit() else 0
 
 
 def _elsewhere(runs: Path) -> str | None:
@@ -219,7 +215,8 @@ def export_runs(runs: Path, dest: Path) -> Transfer:
         if done.files > written or removed:
             done.interrupted.append(f"{folder.relative_to(runs / 'stages')} @ {epoch}")
     if (storage := _elsewhere(runs)) and any((f / "hash.json").is_file() and read_result(f) is None
-                                             for f in (runs / "stages").glob("*/train-*")):  # fmt: skip
+                                             for f in (runs / "stages").glob("*/*")
+                                             if f.name.startswith(("warmup-", "train-"))):  # fmt: skip
         done.left_out.append(f"interrupted Ray stages: their checkpoints are in S4MIM_STORAGE={storage}, which "
                              "runs export does not read")  # fmt: skip
     if done.stages or done.interrupted:
@@ -310,7 +307,7 @@ def import_runs(source: Path, runs: Path) -> Transfer:
             rel = path.relative_to(runs)
             if rel in theirs and filecmp.cmp(theirs[rel], path, shallow=False):
                 continue
-            older = path.parent.parent == run and _epoch_number(path.parent.name) < _epoch_number(epoch)
+            older = path.parent.parent == run and epoch_number(path.parent.name) < epoch_number(epoch)
             if rel not in theirs and older:
                 stale.append(path)
                 continue
