@@ -216,7 +216,10 @@ def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: 
         words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # "unimatch + CMIM" -> unimatch-cmim
         init = "" if config.model.init == "none" else f"-init-{re.sub(r'[^a-z0-9]+', '-', config.model.init.lower())}"
         seed, synth = config.seed, config.data.synth_seed
-        stem = f"{words}-seed{seed}-synth{synth}-{re.sub(r'[^a-z0-9]+', '_', config.preset)}{init}"
+        # The train stage's folder name ends the stem: two commands training the same row under other
+        # settings (a knob trial beside the defaults) never share a config file or a log.
+        train = statuses["train"].folder.name
+        stem = f"{words}-seed{seed}-synth{synth}-{re.sub(r'[^a-z0-9]+', '_', config.preset)}{init}-{train}"
         which = f"seed {seed}" + (f", data {synth}" if synth else "")  # held-out data says which generator seed
         path = folder / f"{stem}.json"
         write_text(path, config.model_dump_json(indent=2) + "\n")

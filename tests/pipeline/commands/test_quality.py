@@ -364,6 +364,23 @@ def test_rows_that_share_their_stages_train_them_once(runs, tiny_config, monkeyp
     assert len(warmups) == 1 and [label for label, _, _ in trains] == ["unimatch + plain MIM, seed 0"]
 
 
+def test_a_trial_and_the_defaults_never_share_a_run_file(runs, tiny_config, monkeypatch):
+    """Two quality commands side by side, one with a knob under trial: each run's config file and log is
+    its own, so neither command trains the other's settings."""
+    from pipeline.commands import quality
+    from pipeline.config.schema import Config
+
+    pools = []
+    monkeypatch.setattr(quality, "_run_pool", lambda batch, *args, **kwargs: pools.append(batch))
+    for overrides in ([], ["smim.ratio=0.25"]):
+        cells = quality.cell_configs(tiny_config(*overrides), [0], 1, 2, ["s4mim (CMIM + FA + SMIM)"])
+        quality.run_side_by_side(cells, runs, 2, ["--local"])
+    (defaults,), (trial,) = pools[1::2]  # each command's pools: its warmups, then its trains
+    assert defaults[2] != trial[2] and defaults[1][-1] != trial[1][-1]  # logs, config files
+    ratios = [Config.model_validate_json(Path(run[1][-1]).read_text()).smim.ratio for run in (defaults, trial)]
+    assert ratios[0] != 0.25 and ratios[1] == 0.25
+
+
 def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
     """--jobs 2: the runs train in two s4mim processes at a time, one warmup per seed, and the table
     comes from their cached stages (the baselines only, to keep it short: the pool is the same)."""
