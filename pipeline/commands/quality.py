@@ -185,13 +185,14 @@ def cell_configs(base, samples: Sequence[Sample], epochs: int, steps: int,
     return runs
 
 
-def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: int, target: list[str]) -> None:
+def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: int, target: list[str],
+                     trial: Sequence[str] = ()) -> None:  # fmt: skip
     """Train the runs that are not cached yet ``jobs`` at a time, each an ``s4mim`` process with
     cpu_count // jobs threads (on a 2-core CPU two one-thread runs side by side get through 1.16-1.27x
     more steps than one two-thread run after another; docs/shapes.md). ``target`` names where they
     run (``--local``, or the Ray cluster and the tracking URI). Each seed's warmup runs first, in a
     process of its own, so that no two processes ever train the same stage; the processes' output
-    goes to runs/quality/logs.
+    goes to runs/quality/logs. Each run's progress lines name the knobs under ``trial``.
     """
     import os
 
@@ -228,13 +229,18 @@ def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: 
                 statuses["warmup"].folder,
                 (f"warmup of {config.preset}, {which}", ["warmup", str(path)], logs / f"warmup-{stem}.log"),
             )
-        trains.append((f"{name}, {which}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
+        trains.append((f"{name}{_knobs(trial)}, {which}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
     if not trains:
         return
     say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {logs}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for batch in (list(warmups.values()), trains):
         _run_pool(batch, jobs, target, env)
+
+
+def _knobs(trial: Sequence[str]) -> str:
+    """What a run's label adds for the knobs under trial: " (smim.ratio=0.25)", or nothing."""
+    return f" ({', '.join(trial)})" if trial else ""
 
 
 EPOCH_LINE = re.compile(r"^\[(\w+)\] epoch (\d+)/(\d+)\s.*?(?:miou ([\d.]+))?\s+\(\d+ s\)$")
@@ -324,7 +330,7 @@ def _run_pool(commands: list[tuple[str, list[str], Path]], jobs: int, target: li
 
 
 def run_quality(base, samples: Sequence[Sample], epochs: int, steps: int, runs: Path, backend, *, jobs: int = 1,
-                target: list[str] | None = None, variants=None):  # fmt: skip
+                target: list[str] | None = None, variants=None, trial: Sequence[str] = ()):  # fmt: skip
     """Run (or find cached) every (variant, sample) pipeline of ``base`` under the fixed budget.
 
     With ``jobs`` > 1 the runs train side by side first (``run_side_by_side``); the pass over the
@@ -335,11 +341,11 @@ def run_quality(base, samples: Sequence[Sample], epochs: int, steps: int, runs: 
     started = time.perf_counter()
     planned = cell_configs(base, samples, epochs, steps, variants)
     if jobs > 1:
-        run_side_by_side(planned, runs, jobs, target or [])
+        run_side_by_side(planned, runs, jobs, target or [], trial)
     cells = {name: Cell(name) for name in variants or VARIANTS}
     warmup: dict[Sample, float] = {}
     for name, seed, config in planned:
-        say(f"== {name}, {column(seed)}")
+        say(f"== {name}{_knobs(trial)}, {column(seed)}")
         t0 = time.perf_counter()
         stages = {s.name: s for s in run_pipeline(config, runs, backend).statuses}
         if stages["warmup"].miou is not None:
@@ -485,7 +491,7 @@ def run_command(base, seeds: list[int], epochs: int | None, steps: int | None, r
     target = runs_target(base, jobs, local, ray_address, tracking_uri)
     sha = git_sha()  # the code the runs train with, before this command writes its tables into the tree
     cells, warmup, wall = run_quality(base, columns, epochs, steps, runs, backend, jobs=jobs, target=target,
-                                      variants=variants)  # fmt: skip
+                                      variants=variants, trial=trial)  # fmt: skip
     reference = []
     if without is not None:  # a knob trial: the same rows without its knobs, from the cache
         without, _, _, _ = _table_plan(without, seeds, epochs, steps, synth_seeds)

@@ -374,8 +374,10 @@ def test_a_trial_and_the_defaults_never_share_a_run_file(runs, tiny_config, monk
     monkeypatch.setattr(quality, "_run_pool", lambda batch, *args, **kwargs: pools.append(batch))
     for overrides in ([], ["smim.ratio=0.25"]):
         cells = quality.cell_configs(tiny_config(*overrides), [0], 1, 2, ["s4mim (CMIM + FA + SMIM)"])
-        quality.run_side_by_side(cells, runs, 2, ["--local"])
+        quality.run_side_by_side(cells, runs, 2, ["--local"], overrides)
     (defaults,), (trial,) = pools[1::2]  # each command's pools: its warmups, then its trains
+    assert (defaults[0], trial[0]) == ("s4mim (CMIM + FA + SMIM), seed 0",
+                                       "s4mim (CMIM + FA + SMIM) (smim.ratio=0.25), seed 0")  # fmt: skip
     assert defaults[2] != trial[2] and defaults[1][-1] != trial[1][-1]  # logs, config files
     ratios = [Config.model_validate_json(Path(run[1][-1]).read_text()).smim.ratio for run in (defaults, trial)]
     assert ratios[0] != 0.25 and ratios[1] == 0.25
