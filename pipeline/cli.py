@@ -757,8 +757,15 @@ def main() -> None:
     """Entry point: usage and user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv[1:]
     try:
-        with signals_as_interrupt():  # SIGTERM and SIGHUP end the command as Ctrl-C does
-            code = app(prog_name="s4mim", standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C
+        try:
+            with signals_as_interrupt():  # SIGTERM and SIGHUP end the command as Ctrl-C does
+                code = app(prog_name="s4mim", standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C
+        except typer.Abort as exc:
+            # click turns an EOFError into Abort as it does Ctrl-C; no command here reads a prompt, so an
+            # EOFError (a truncated pickle, a closed pipe) is a fault, not a stop: report it as one.
+            if isinstance(exc.__cause__, EOFError):
+                raise exc.__cause__ from None
+            raise
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):  # typer turns Ctrl-C into one or the other, by release

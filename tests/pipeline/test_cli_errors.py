@@ -63,6 +63,22 @@ def test_debug_shows_the_traceback(capsys, runs):
         run_main(capsys, "--debug", "pipeline", "run", "shapes-1/3")
 
 
+def test_an_eof_error_is_a_fault_not_an_interruption(capsys, monkeypatch):
+    """click turns an EOFError into the Abort it makes of Ctrl-C; s4mim reports it as the fault it is."""
+    import io
+    import pickle
+
+    from pipeline.config import presets
+
+    def truncated(*args, **kwargs):
+        return pickle.load(io.BytesIO(b""))  # an empty file: EOFError, "Ran out of input"
+
+    monkeypatch.setattr(presets, "preset_names", truncated)
+    with pytest.raises(EOFError):  # no user error: the traceback, as for any other fault
+        run_main(capsys, "presets")
+    assert "interrupted" not in capsys.readouterr().err
+
+
 def test_help_lists_the_commands(capsys):
     code, out, _ = run_main(capsys, "--help")
     assert code == 0
