@@ -762,7 +762,7 @@ def main() -> None:
                 code = app(prog_name="s4mim", standalone_mode=False)  # typer.Exit's code, or 130 for Ctrl-C
         except typer.Abort as exc:
             # click turns an EOFError into Abort as it does Ctrl-C; no command here reads a prompt, so an
-            # EOFError (a truncated pickle, a closed pipe) is a fault, not a stop: report it as one.
+            # EOFError (an empty or truncated pickle, a connection closed) is a fault, not a stop: report it as one.
             if isinstance(exc.__cause__, EOFError):
                 raise exc.__cause__ from None
             raise
