@@ -114,7 +114,7 @@ def data_synth(
     """Generate the embedded ``shapes`` dataset in VOC layout."""
     from data_prep import shapes
     from pipeline.console import progress
-    from pipeline.training.prepare import shapes_dir
+    from pipeline.training.prepare import shapes_dir, shapes_lock
 
     root = (root or shapes_dir(seed)).absolute()
     if shapes.is_complete(root, seed):
@@ -122,9 +122,13 @@ def data_synth(
         return
     if root.exists() and any(root.iterdir()) and not (root / "shapes.json").exists():
         raise UsageError(f"{root} exists and is not a shapes dataset; choose another --root or empty it")
-    if (root / "shapes.json").exists():
-        typer.echo(f"replacing the shapes dataset in {root} (other seed or settings)")
-    shapes.synthesize(root, seed, progress=progress("images"))
+    with shapes_lock(root, seed):
+        if shapes.is_complete(root, seed):  # another command generated it while this one waited
+            typer.echo(f"{root} already holds shapes seed {seed}")
+            return
+        if (root / "shapes.json").exists():
+            typer.echo(f"replacing the shapes dataset in {root} (other seed or settings)")
+        shapes.synthesize(root, seed, progress=progress("images"))
     s = shapes.ShapesSettings()
     typer.echo(f"wrote {s.train} train and {s.val} val images to {root}")
 
@@ -240,7 +244,7 @@ def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:
 
 
 def _run_stage_command(stage, preset, overrides, data_root, ray_address, tracking, local, force=False,
-                       checkpoint=None) -> dict:  # fmt: skip
+                       checkpoint=None, wait=False) -> dict:  # fmt: skip
     from pipeline.orchestration.orchestrate import claimed, prepare_inputs, run_claimed, stage_folder, tracked
 
     config = _config(preset, overrides, data_root)
@@ -263,7 +267,7 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
         digest = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
         cache = stage_folder(runs, config, stage, prepared.inputs_hash)
         own = cache.with_name(f"{cache.name}-ckpt{digest}")
-    with claimed(runs, config, stage, prepared, force=force, folder=own) as claim:
+    with claimed(runs, config, stage, prepared, force=force, folder=own, wait=wait) as claim:
         if claim.result is not None:
             typer.echo(f"[{stage}] already finished for this config: {claim.folder} (--force reruns it)")
             return claim.result
@@ -275,6 +279,14 @@ def _run_stage_command(stage, preset, overrides, data_root, ray_address, trackin
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run the stage again even if it is cached.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="When another s4mim is running a stage this command runs, wait for it to finish and use its result "
+        "(default: stop with exit code 2).",
+    ),
+]
 
 
 @app.command()
@@ -286,11 +298,12 @@ def warmup(
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Teacher warmup: supervised training on the labeled split (a Ray Train job)."""
     set_verbose(verbose)
-    result = _run_stage_command("warmup", preset, set_, data_root, ray_address, tracking_uri, local, force)
+    result = _run_stage_command("warmup", preset, set_, data_root, ray_address, tracking_uri, local, force, wait=wait)
     if result and rank() == 0:
         typer.echo(f"[warmup] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
 
@@ -304,11 +317,12 @@ def train(
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Semi-supervised training (the preset's variant) from the warmup teacher (a Ray Train job)."""
     set_verbose(verbose)
-    result = _run_stage_command("train", preset, set_, data_root, ray_address, tracking_uri, local, force)
+    result = _run_stage_command("train", preset, set_, data_root, ray_address, tracking_uri, local, force, wait=wait)
     if result and rank() == 0:
         typer.echo(f"[train] best val mIoU {result['best_miou']:.2f}; checkpoint {result['checkpoint']}")
 
@@ -325,6 +339,7 @@ def evaluate(
         Path | None, typer.Option(help="Checkpoint to score (default: the best of the train stage).")
     ] = None,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """mIoU, per-class IoU table and a picture grid on the val set (a Ray Train job)."""
@@ -332,7 +347,7 @@ def evaluate(
     if checkpoint is not None and not checkpoint.exists():
         raise UsageError(f"--checkpoint {checkpoint}: no such file")
     result = _run_stage_command(
-        "evaluate", preset, set_, data_root, ray_address, tracking_uri, local, force, checkpoint
+        "evaluate", preset, set_, data_root, ray_address, tracking_uri, local, force, checkpoint, wait
     )
     if result and result.get("iou"):
         for name, value in result["iou"].items():
@@ -370,6 +385,7 @@ def pipeline_run(
     ray_address: RayAddressOpt = None,
     tracking_uri: TrackingOpt = None,
     local: LocalOpt = False,
+    wait: WaitOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """prepare -> warmup -> train -> evaluate as Ray Train jobs, skipping stages whose outputs exist."""
@@ -393,7 +409,7 @@ def pipeline_run(
         typer.echo("--force STAGE reruns a stage and the ones after it")
         return
     backend = _backend(config, runs, ray_address, tracking_uri, local)
-    result = run_pipeline(config, runs, backend, force=force or [])
+    result = run_pipeline(config, runs, backend, force=force or [], wait=wait)
     if rank() != 0:  # under torchrun the summary is rank 0's to print
         return
     typer.echo("")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from data_prep.atomic import atomic_path, write_text
 from pipeline.console import say, warn
+from pipeline.locks import WAITING
 
 VARIANTS = {
     # The bar: the supervised continuation of the same teacher for the same number of steps.
@@ -191,8 +192,9 @@ def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: 
     cpu_count // jobs threads (on a 2-core CPU two one-thread runs side by side get through 1.16-1.27x
     more steps than one two-thread run after another; docs/shapes.md). ``target`` names where they
     run (``--local``, or the Ray cluster and the tracking URI). Each seed's warmup runs first, in a
-    process of its own, so that no two processes ever train the same stage; the processes' output
-    goes to runs/quality/logs. Each run's progress lines name the knobs under ``trial``.
+    process of its own, so that no two processes ever train the same stage; a stage that another
+    command (another quality table sharing a row) is running is waited for (``--wait``), not failed
+    on. The processes' output goes to runs/quality/logs. Each run's progress lines name the knobs under ``trial``.
     """
     import os
 
@@ -227,9 +229,10 @@ def run_side_by_side(cells: list[tuple[str, Sample, object]], runs: Path, jobs: 
         if statuses["warmup"].status != "cached":  # one process per warmup stage, however many runs share it
             warmups.setdefault(
                 statuses["warmup"].folder,
-                (f"warmup of {config.preset}, {which}", ["warmup", str(path)], logs / f"warmup-{stem}.log"),
+                (f"warmup of {config.preset}, {which}", ["warmup", str(path), "--wait"], logs / f"warmup-{stem}.log"),
             )
-        trains.append((f"{name}{_knobs(trial)}, {which}", ["pipeline", "run", str(path)], logs / f"{stem}.log"))
+        run = ["pipeline", "run", str(path), "--wait"]
+        trains.append((f"{name}{_knobs(trial)}, {which}", run, logs / f"{stem}.log"))
     if not trains:
         return
     say(f"{len(trains)} runs to train, {jobs} side by side with {threads} thread(s) each; logs in {logs}")
@@ -248,7 +251,8 @@ EPOCH_LINE = re.compile(r"^\[(\w+)\] epoch (\d+)/(\d+)\s.*?(?:miou ([\d.]+))?\s+
 
 class EpochFollower:
     """Follows a run's log as it grows, for the epochs it finishes: one line a finished epoch, with the
-    val mIoU where the epoch was evaluated and, from the second epoch this process saw, the time left."""
+    val mIoU where the epoch was evaluated and, from the second epoch this process saw, the time left;
+    and the line saying that the run waits for another command running one of its stages."""
 
     def __init__(self, label: str, log: Path):
         self.label, self.log = label, log
@@ -263,6 +267,9 @@ class EpochFollower:
         self.offset += len(complete)
         out = []
         for line in complete.decode(errors="replace").splitlines():
+            if line.rstrip().endswith(WAITING):  # another command is running one of this run's stages
+                out.append(f"   {self.label}: {line.strip()}")
+                continue
             match = EPOCH_LINE.match(line.strip("\r"))
             if match is None:
                 continue

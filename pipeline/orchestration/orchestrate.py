@@ -8,17 +8,14 @@ A folder with ``result.json`` is a finished stage and is reported as cached; a f
 holds an interrupted stage, which resumes from its last checkpoint. ``--force STAGE`` reruns that
 stage and every stage after it from scratch. While a stage runs, its lock in ``runs/stages/.locks`` is
 held (``stage_lock``), so that a second s4mim asked to run the same stage stops with a message instead
-of training into the same folder.
+of training into the same folder, or with ``--wait`` waits for the first to finish.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import shutil
-import socket
 import time
 import zipfile
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ from data_prep.atomic import write_text_if_changed
 from pipeline.config.schema import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
+from pipeline.locks import file_lock
 from pipeline.orchestration.hashing import stage_hash, stage_hash_parts
 from pipeline.orchestration.results import read_result
 from pipeline.paths import is_uri, rank, slug, world_size
@@ -136,20 +134,20 @@ def lock_path(folder: Path) -> Path:
 
 
 @contextmanager
-def stage_lock(folder: Path, stage: str) -> Iterator[None]:
+def stage_lock(folder: Path, stage: str, *, wait: bool = False) -> Iterator[None]:
     """Hold the stage's lock (``lock_path``) while ``stage`` runs into ``folder``.
 
     A second process that asks for the same stage fails at once with a ``UsageError`` naming the
-    holder, rather than resuming from checkpoints the first run is replacing. The lock is an
-    ``flock``, so the kernel releases it when its holder dies, however it dies: a lock file left
-    behind by a killed run never blocks the next one. Under torchrun rank 0 takes it and tells the
-    other ranks the outcome, so that every rank stops, or goes on, together.
+    holder, rather than resuming from checkpoints the first run is replacing; with ``wait`` it waits
+    until the holder ends (``claimed`` then finds the stage finished, or resumes it if the holder was
+    stopped). The lock goes with its holder however it ends (``pipeline.locks``). Under torchrun rank 0
+    takes it and tells the other ranks the outcome, so that every rank stops, or goes on, together.
     """
     refusal = None
     with ExitStack() as held:
         if rank() == 0:
             try:
-                held.enter_context(_flock(lock_path(folder), f"the {stage} stage", folder))
+                held.enter_context(file_lock(lock_path(folder), f"the {stage} stage", folder, wait=wait))
             except UsageError as exc:
                 refusal = str(exc)
         if world_size() > 1:
@@ -164,39 +162,6 @@ def stage_lock(folder: Path, stage: str) -> Iterator[None]:
         if refusal is not None:
             raise UsageError(refusal)
         yield
-
-
-@contextmanager
-def _flock(path: Path, what: str, folder: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        handle = open(path, "a+")  # noqa: SIM115 - held until the stage ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UsageError(
-                f"{what} is already running in another s4mim ({holder}), into {folder}; wait for it to finish "
-                "(this command then finds the stage cached), or stop that process"
-            ) from None
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()  # the previous holder removed the file between our open and our lock: take the new one
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        handle.close()
 
 
 def why_not_cached(runs: Path, config: Config, stage: str, inputs_hash: str) -> str:
@@ -259,12 +224,13 @@ class Claim:
 
 @contextmanager
 def claimed(runs: Path, config: Config, stage: str, prepared: Prepared, *, force: bool = False,
-            folder: Path | None = None) -> Iterator[Claim]:  # fmt: skip
+            folder: Path | None = None, wait: bool = False) -> Iterator[Claim]:  # fmt: skip
     """Look ``stage`` up in the cache, and lock it when it is to run; the lock is held for the block.
 
     The cache is looked at again under the lock: a stage another process was running when this one
     first looked may have finished since. ``force`` runs it whatever the cache holds. ``folder``
-    names a folder outside the cache (``evaluate --checkpoint``): the stage always runs there.
+    names a folder outside the cache (``evaluate --checkpoint``): the stage always runs there. ``wait``
+    waits for another process running the stage, instead of stopping (``stage_lock``).
     """
     own = folder or stage_folder(runs, config, stage, prepared.inputs_hash)
     if folder is None and not force:
@@ -272,7 +238,7 @@ def claimed(runs: Path, config: Config, stage: str, prepared: Prepared, *, force
         if result is not None:  # a finished stage is only read: no lock, so runs that share it go side by side
             yield Claim(stage, found, result)
             return
-    with stage_lock(own, stage):
+    with stage_lock(own, stage, wait=wait):
         if folder is None and not force:
             found, result = finished_stage(runs, config, stage, prepared.inputs_hash)
             if result is not None:
@@ -338,7 +304,8 @@ class PipelineResult:
     parent_run_id: str | None
 
 
-def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[str] | None = None) -> PipelineResult:
+def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[str] | None = None,
+                 wait: bool = False) -> PipelineResult:  # fmt: skip
     forced = forced_stages(force or [])
     statuses: list[StageStatus] = []
     started = time.perf_counter()
@@ -355,7 +322,8 @@ def run_pipeline(config: Config, runs: Path, backend: Backend, *, force: list[st
         check_unlabeled(config, prepared)  # before any lock: a refused run writes nothing under runs/stages
     with ExitStack() as held:  # every stage to run is locked before anything is tracked: a refused run leaves no trace
         claims = [
-            held.enter_context(claimed(runs, config, stage, prepared, force=stage in forced)) for stage in STAGES[1:]
+            held.enter_context(claimed(runs, config, stage, prepared, force=stage in forced, wait=wait))
+            for stage in STAGES[1:]
         ]
         with tracked(backend, config, prepared) as run:
             checkpoint: str | None = None

@@ -17,6 +17,7 @@ from data_prep.readers import read_dataset
 from data_prep.splits import make_split, read_labeled_ids, write_split
 from pipeline.config.schema import Config
 from pipeline.console import progress, say
+from pipeline.locks import file_lock
 from pipeline.paths import data_dir, slug
 
 
@@ -59,24 +60,34 @@ def shapes_dir(seed: int) -> Path:
     return data_dir() / ("shapes" if seed == 0 else f"shapes-seed{seed}")
 
 
+def shapes_lock(root: Path, seed: int):
+    """The lock held while a shapes dataset is generated at ``root``: ``.<name>.lock`` beside it. A second
+    command that asks for it waits for the first (``pipeline.locks``), then finds the dataset there."""
+    return file_lock(root.parent / f".{root.name}.lock", f"the shapes generator (seed {seed})", root, wait=True)
+
+
 def ensure_shapes(root: Path, seed: int) -> None:
     """Generate the embedded dataset at ``root`` when no shapes dataset is there yet; one generated with
-    another seed is refused (held-out data must never stand in for development data, or back)."""
-    if (root / "shapes.json").is_file():
-        meta = shapes.read_meta(root)
-        if meta is None:
-            raise DataError(f"{root / 'shapes.json'} is not valid JSON; delete {root} to generate the dataset again")
-        found = meta.get("seed")
-        if found != seed:
-            raise DataError(
-                f"{root} holds shapes generated with seed {found}, not {seed}; "
-                f"set data.synth_seed={found}, or pass a --data-root without a dataset to generate seed {seed}"
-            )
-        return
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root} exists and is not a shapes dataset; pass another --data-root or empty it")
-    say(f"generating the shapes dataset (seed {seed}) in {root}")
-    shapes.synthesize(root, seed, progress=progress("shapes images"))
+    another seed is refused (held-out data must never stand in for development data, or back).
+
+    Generating holds ``shapes_lock``: a second command that needs the same dataset meanwhile waits,
+    then reads it, instead of generating it again over the first's."""
+    if not (root / "shapes.json").is_file():
+        with shapes_lock(root, seed):
+            if not (root / "shapes.json").is_file():
+                if root.exists() and any(root.iterdir()):
+                    raise DataError(f"{root} exists and is not a shapes dataset; pass another --data-root or empty it")
+                say(f"generating the shapes dataset (seed {seed}) in {root}")
+                shapes.synthesize(root, seed, progress=progress("shapes images"))
+    meta = shapes.read_meta(root)
+    if meta is None:
+        raise DataError(f"{root / 'shapes.json'} is not valid JSON; delete {root} to generate the dataset again")
+    found = meta.get("seed")
+    if found != seed:
+        raise DataError(
+            f"{root} holds shapes generated with seed {found}, not {seed}; "
+            f"set data.synth_seed={found}, or pass a --data-root without a dataset to generate seed {seed}"
+        )
 
 
 def _labeled_ids(config: Config) -> list[str] | None:

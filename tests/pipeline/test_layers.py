@@ -1,6 +1,6 @@
 """``pipeline/`` is layered: each subpackage imports only the shared modules and the layers below it.
 
-From the bottom: the shared modules (errors, paths, console, fingerprint, signals, machine), config, training,
+From the bottom: the shared modules (errors, paths, console, fingerprint, signals, machine, locks), config, training,
 orchestration, tracking, backends, commands, and the CLI on top; ``sweeps`` sits beside the commands.
 Lazy imports inside functions count too: they are found by walking each file's whole syntax tree.
 """
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = {"errors", "paths", "console", "fingerprint", "signals", "machine"}
+SHARED = {"errors", "paths", "console", "fingerprint", "signals", "machine", "locks"}
 LAYERS = ["config", "training", "orchestration", "tracking", "backends", "commands", "cli"]
 
 

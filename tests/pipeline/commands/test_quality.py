@@ -378,9 +378,13 @@ def test_a_trial_and_the_defaults_never_share_a_run_file(runs, tiny_config, monk
     (defaults,), (trial,) = pools[1::2]  # each command's pools: its warmups, then its trains
     assert (defaults[0], trial[0]) == ("s4mim (CMIM + FA + SMIM), seed 0",
                                        "s4mim (CMIM + FA + SMIM) (smim.ratio=0.25), seed 0")  # fmt: skip
-    assert defaults[2] != trial[2] and defaults[1][-1] != trial[1][-1]  # logs, config files
-    ratios = [Config.model_validate_json(Path(run[1][-1]).read_text()).smim.ratio for run in (defaults, trial)]
+    assert defaults[2] != trial[2] and defaults[1][2] != trial[1][2]  # logs, config files
+    ratios = [Config.model_validate_json(Path(run[1][2]).read_text()).smim.ratio for run in (defaults, trial)]
     assert ratios[0] != 0.25 and ratios[1] == 0.25
+    # a stage the other command is running (the seed's warmup, here) is waited for, not failed on
+    commands = [args for pool in pools for _, args, _ in pool]
+    assert pools[0][0][1][0] == "warmup" and len(commands) == 4
+    assert all(args[-1] == "--wait" for args in commands), commands
 
 
 def test_quality_runs_side_by_side_each_stage_once(runs, tiny_shapes, tmp_path):
@@ -461,6 +465,18 @@ def test_a_table_names_the_command_that_makes_it_again():
     assert reproducing_command(short, []) == "s4mim quality --jobs 2 --regime short --split 1/8"  # make quality
     split_set = reproducing_command(short, ["quality", "--regime", "short", "--set", "data.split=1/4"])
     assert split_set == "s4mim quality --regime short --set data.split=1/4"  # --set decides the split: no --split
+
+
+def test_the_pool_says_when_a_run_waits_for_another_command(tmp_path, capsys):
+    """A run whose stage another quality command is training waits for it (``--wait``); its line says so."""
+    from pipeline.commands.quality import _run_pool
+
+    waiting = "the train stage is running in another s4mim (pid 7 on h, since now), into /x; waiting for it to finish"
+    script = tmp_path / "fake_run.py"
+    script.write_text(f"print({waiting!r}, flush=True)\n")
+    run = ("cmim, seed 0", [str(script)], tmp_path / "run.log")
+    _run_pool([run], 1, [], dict(os.environ), program=[sys.executable])
+    assert f"cmim, seed 0: {waiting}" in [line.strip() for line in capsys.readouterr().out.splitlines()]
 
 
 def test_the_pool_says_each_epoch_a_run_finishes(tmp_path, capsys):

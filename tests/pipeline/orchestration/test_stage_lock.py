@@ -103,3 +103,72 @@ def test_under_torchrun_rank_0_prepares_before_the_others(monkeypatch, tmp_path,
     with pytest.raises(Stop):
         orchestrate.run_pipeline(load_preset("shapes-1/8"), tmp_path / "runs", LocalBackend())
     assert events == (["prepare", "barrier", "prepare"] if rank == 0 else ["barrier", "prepare"])
+
+
+def _wait_for_output(read, text: str, deadline_s: float = 120.0) -> str:
+    """``read()`` (everything written so far) once it holds ``text``; fails after ``deadline_s`` rather than hang."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if text in (seen := read()):
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"never printed {text!r}: {seen!r}")
+
+
+def test_with_wait_a_second_holder_waits_for_the_first_then_holds_the_lock(tmp_path, capsys):
+    import threading
+
+    from pipeline.locks import WAITING
+
+    folder = tmp_path / "stages" / "p" / "train-abc"
+    entered, holders = threading.Event(), []
+
+    def second():
+        with stage_lock(folder, "train", wait=True):
+            holders.append(lock_path(folder).read_text())
+            entered.set()
+
+    with stage_lock(folder, "train"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        printed = []
+        line = _wait_for_output(lambda: "".join(printed.append(capsys.readouterr().out) or printed), WAITING)
+        assert f"the train stage is running in another s4mim (pid {os.getpid()} on " in line
+        assert str(folder) in line
+        assert not entered.is_set()  # it waits while the first holds the lock
+    thread.join(timeout=120)
+    assert entered.is_set() and holders[0].startswith(f"pid {os.getpid()} on ")
+    assert not lock_path(folder).exists()
+
+
+def test_a_stage_command_with_wait_uses_the_stage_its_holder_finished(tiny_config, tiny_shapes, tmp_path):
+    """``s4mim warmup --wait`` on a stage another process is running: it says so, waits, and then finds
+    the stage that process finished instead of running it again."""
+    import json
+    import subprocess
+
+    from tests.pipeline.cli_helpers import S4MIM
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "S4MIM_RUNS": str(runs), "S4MIM_DATA": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+    config = tiny_config()
+    warmup = stage_folder(runs, config, "warmup", prepare_stage(config, runs).inputs_hash)
+    args = [str(S4MIM), "warmup", "shapes-1/8", *tiny_args(tiny_shapes), "--local", "--wait"]
+    log = tmp_path / "warmup.log"
+    with stage_lock(warmup, "warmup"), open(log, "w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            seen = _wait_for_output(lambda: log.read_text(), "waiting for it to finish")
+        except AssertionError:
+            process.kill()
+            raise
+        assert f"the warmup stage is running in another s4mim (pid {os.getpid()} on " in seen
+        assert process.poll() is None  # it waits while the stage is held
+        warmup.mkdir(parents=True)  # what the holder leaves when it finishes
+        (warmup / "best.pt").write_bytes(b"")
+        (warmup / "result.json").write_text(json.dumps({"best_miou": 12.5, "checkpoint": str(warmup / "best.pt")}))
+    process.wait(timeout=600)
+    assert process.returncode == 0, log.read_text()
+    assert f"[warmup] already finished for this config: {warmup}" in log.read_text()
