@@ -1,6 +1,7 @@
 #!/bin/bash
 # The testbed ablation's development runs, in the order its plan gives (docs/results.md), on a 2-core
-# machine: two runs side by side at all times, from a frozen copy of this checkout (Ray workers import
+# machine: two runs side by side at all times (two quality commands that share a stage wait for each
+# other: quality runs its stages with --wait), from a frozen copy of this checkout (Ray workers import
 # the code as it is when each stage starts), with every finished and interrupted stage exported into
 # this folder every 10 minutes, so that a replaced machine loses at most those minutes.
 #
@@ -36,17 +37,29 @@ trap 'kill $exporter 2>/dev/null' EXIT
 trap 'exit 143' TERM INT
 
 set -x
-# Development seed 0: the seven rows, then the one-run design trials, two lanes
-(q --seeds 0; q --seeds 0 --trial smim.pixels=visible --variant s4mim
- q --seeds 0 --trial smim.weight=0.1 --variant s4mim) > "$EXP/lane1.log" 2>&1 &
+# Development seed 0: the seven rows, then the design trials, one row at a time in each of two lanes.
+# A trial of several rows gets a command per row here, and its table once every row has finished.
+(q --seeds 0
+ q --seeds 0 --trial smim.pixels=visible --variant s4mim
+ q --seeds 0 --trial smim.weight=0.1 --variant s4mim
+ q --seeds 0 --trial fa.weight=0.3 --variant s4mim
+ q --seeds 0 --trial mim.patch=16 --variant s4mim
+ q --seeds 0 --trial mim.input=whole --variant s4mim
+ q --seeds 0 --trial mim.patch=16 --variant mim) > "$EXP/lane1.log" 2>&1 &
 lane1=$!
 (q --seeds 0 --trial smim.view=weak --variant s4mim
- q --seeds 0 --trial smim.ratio=0.25 --variant s4mim) > "$EXP/lane2.log" 2>&1 &
+ q --seeds 0 --trial smim.ratio=0.25 --variant s4mim
+ q --seeds 0 --trial fa.weight=0.3 --variant cmim-fa
+ q --seeds 0 --trial mim.patch=16 --variant cmim
+ q --seeds 0 --trial mim.patch=16 --variant cmim-fa
+ q --seeds 0 --trial mim.input=whole --variant cmim
+ q --seeds 0 --trial mim.input=whole --variant cmim-fa) > "$EXP/lane2.log" 2>&1 &
 lane2=$!
 wait $lane1 $lane2
-# the trials of several rows each fill both lanes themselves
+# the tables of the trials of several rows, from their finished runs
 q --seeds 0 --trial fa.weight=0.3 --variant cmim-fa --variant s4mim
 q --seeds 0 --trial mim.patch=16 --variant mim --variant cmim --variant cmim-fa --variant s4mim
 q --seeds 0 --trial mim.input=whole --variant cmim --variant cmim-fa --variant s4mim
+# seeds 1 and 2: each command fills both lanes itself
 q --seeds 1
 q --seeds 2
