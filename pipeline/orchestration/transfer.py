@@ -148,9 +148,27 @@ def _result(folder: Path, root: Path) -> tuple[Path, Path]:
     return folder / "result.json", folder.relative_to(root) / "result.json"
 
 
-def _copy(source: Path, target: Path, done: Transfer) -> None:
-    """Copy unless ``target`` already holds the same bytes."""
+def _same_manifest(source: Path, target: Path) -> bool:
+    """Two manifests of the same data: their metadata equal but for the fingerprint, which holds the files'
+    modification times (a dataset generated again on another machine gets a manifest of other bytes)."""
+    import pyarrow.parquet as pq
+
+    def meta(path: Path) -> dict:
+        found = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+        return {k: v for k, v in found.items() if k != "fingerprint"}
+
+    try:
+        first = meta(source)
+        return "content_hash" in first and first == meta(target)
+    except Exception:  # not a manifest (pyarrow raises its own errors on other files): compare bytes
+        return False
+
+
+def _copy(source: Path, target: Path, done: Transfer, *, manifest: bool = False) -> None:
+    """Copy unless ``target`` already holds the same bytes (with ``manifest``: the same data)."""
     if target.is_file() and filecmp.cmp(source, target, shallow=False):
+        return
+    if manifest and target.is_file() and _same_manifest(source, target):
         return
     with atomic_path(target) as tmp:
         shutil.copy2(source, tmp)
@@ -182,8 +200,8 @@ def export_runs(runs: Path, dest: Path) -> Transfer:
     scored = {Path(r["evaluated"]).parts[-2:] for f, r in stages
               if f.name.startswith("evaluate-") and isinstance(r.get("evaluated"), str)}  # fmt: skip
     done = Transfer()
-    for path, rel in _prepared(runs):
-        _copy(path, dest / rel, done)
+    for path, rel in _prepared(runs):  # a manifest of the same data stays: the export changes only when data does
+        _copy(path, dest / rel, done, manifest=rel.parts[0] == "manifests")
     for folder, result in stages:
         weights: Files = []
         if folder.name.startswith(("warmup-", "train-")):

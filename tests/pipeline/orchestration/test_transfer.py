@@ -355,3 +355,30 @@ def test_ray_checkpoints_kept_outside_the_runs_folder_are_named_not_lost(filled,
     assert not (tmp_path / "b" / "ray" / RUN).exists()
     assert any("train-ffffffffffff" in why and "S4MIM_STORAGE" in why for why in done.left_out)
     assert any("S4MIM_STORAGE" in why for why in export_runs(filled, tmp_path / "export2").left_out)
+
+
+def test_a_manifest_of_the_same_data_generated_again_leaves_the_export_alone(filled, tiny_shapes, tmp_path):
+    """A new machine generates the dataset again: same images, other modification times, so its manifest's
+    bytes differ (the fingerprint holds the mtimes). The export keeps its manifest; other data replaces it."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from data_prep.manifest import prepare
+
+    data = tmp_path / "data" / "shapes"
+    shutil.copytree(tiny_shapes, data)
+    manifest = prepare("shapes", data, filled / "manifests")[0].path
+    dest = tmp_path / "export"
+    export_runs(filled, dest)
+    exported = dest / "manifests" / manifest.name
+    before = exported.read_bytes()
+    for path in data.rglob("*.png"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert prepare("shapes", data, filled / "manifests")[0].path == manifest and manifest.read_bytes() != before
+    assert export_runs(filled, dest).files == 0 and exported.read_bytes() == before
+
+    table = pq.read_table(manifest)
+    other = table.slice(1).replace_schema_metadata({**table.schema.metadata, b"content_hash": b"other"})
+    pq.write_table(other, manifest)  # other data: the export follows it
+    assert export_runs(filled, dest).files == 1 and exported.read_bytes() == manifest.read_bytes()
