@@ -21,6 +21,14 @@ from pipeline.errors import UsageError
 WAITING = "waiting for it to finish"  # ends the line a waiting process prints (``quality`` relays it)
 
 
+def lock_holder(path: Path) -> str:
+    """Who holds the lock at ``path``, as its holder wrote it: ``pid 12 on host, since …``."""
+    try:
+        return Path(path).read_text().strip() or "another process"
+    except FileNotFoundError:
+        return "another process"
+
+
 @contextmanager
 def file_lock(path: Path, what: str, folder: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold the lock at ``path`` for the block; ``what`` (``"the train stage"``) runs into ``folder``.

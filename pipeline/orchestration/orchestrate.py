@@ -28,7 +28,7 @@ from data_prep.atomic import write_text_if_changed
 from pipeline.config.schema import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
-from pipeline.locks import file_lock
+from pipeline.locks import WAITING, file_lock, lock_holder
 from pipeline.orchestration.hashing import stage_hash, stage_hash_parts
 from pipeline.orchestration.results import read_result
 from pipeline.paths import is_uri, rank, slug, world_size
@@ -143,25 +143,48 @@ def stage_lock(folder: Path, stage: str, *, wait: bool = False) -> Iterator[None
     stopped). The lock goes with its holder however it ends (``pipeline.locks``). Under torchrun rank 0
     takes it and tells the other ranks the outcome, so that every rank stops, or goes on, together.
     """
-    refusal = None
+    what, path = f"the {stage} stage", lock_path(folder)
     with ExitStack() as held:
+        if world_size() == 1:
+            held.enter_context(file_lock(path, what, folder, wait=wait))
+        else:
+            _lock_for_every_rank(held, path, what, folder, wait)
+        yield
+
+
+RETRY_S = 60  # how often rank 0 of a torchrun launch that waits for a stage tries its lock again
+
+
+def _lock_for_every_rank(held: ExitStack, path: Path, what: str, folder: Path, wait: bool) -> None:
+    """Rank 0 takes the lock into ``held``; every rank learns the outcome, and raises the refusal together.
+
+    The other ranks hear it in a collective, which gives up after the process group's timeout (30
+    minutes): so a rank 0 that waits does not block in the lock but tries again every ``RETRY_S``
+    seconds, and tells the others each time."""
+    import torch.distributed as dist
+
+    from pipeline.training.distributed import init_distributed
+
+    init_distributed()
+    told = False
+    while True:
+        outcome = None
         if rank() == 0:
             try:
-                held.enter_context(file_lock(lock_path(folder), f"the {stage} stage", folder, wait=wait))
+                held.enter_context(file_lock(path, what, folder))
+                outcome = "held"
             except UsageError as exc:
-                refusal = str(exc)
-        if world_size() > 1:
-            import torch.distributed as dist
-
-            from pipeline.training.distributed import init_distributed
-
-            init_distributed()
-            box = [refusal]
-            dist.broadcast_object_list(box, src=0)
-            refusal = box[0]
-        if refusal is not None:
-            raise UsageError(refusal)
-        yield
+                outcome = "retry" if wait else str(exc)
+                if wait and not told:
+                    say(f"{what} is running in another s4mim ({lock_holder(path)}), into {folder}; {WAITING}")
+                    told = True
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] == "held":
+            return
+        if box[0] != "retry":
+            raise UsageError(box[0])
+        time.sleep(RETRY_S)
 
 
 def why_not_cached(runs: Path, config: Config, stage: str, inputs_hash: str) -> str:

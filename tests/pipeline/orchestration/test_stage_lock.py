@@ -172,3 +172,58 @@ def test_a_stage_command_with_wait_uses_the_stage_its_holder_finished(tiny_confi
     process.wait(timeout=600)
     assert process.returncode == 0, log.read_text()
     assert f"[warmup] already finished for this config: {warmup}" in log.read_text()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_a_waiting_rank_0_tries_again_and_tells_the_others_each_time(monkeypatch, tmp_path, rank):
+    """The other ranks hear rank 0's outcome in a collective that would time out during a long wait, so rank 0
+    does not block in the lock: it tries again every RETRY_S seconds, and every rank hears each try."""
+    import threading
+    from contextlib import ExitStack
+
+    import torch.distributed as dist
+
+    from pipeline.locks import file_lock
+    from pipeline.orchestration import orchestrate
+    from pipeline.training import distributed
+
+    folder = tmp_path / "stages" / "p" / "train-abc"
+    told, sleeps = [], []
+    heard = iter(["retry", "retry", "held"])  # what rank 0 tells rank 1
+
+    def broadcast(box, src):
+        assert src == 0
+        if rank == 0:
+            told.append(box[0])
+        else:
+            box[0] = next(heard)
+
+    other = ExitStack()
+    other.enter_context(stage_lock(folder, "train"))  # another s4mim, before the launch
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            other.close()  # the other s4mim ends
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(distributed, "init_distributed", lambda: (rank, 2, None))
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(orchestrate.time, "sleep", sleep)
+    backstop = threading.Timer(30, other.close)  # a rank 0 that blocked in the lock would hang the test, not fail it
+    backstop.start()
+    with stage_lock(folder, "train", wait=True):
+        backstop.cancel()
+        if rank == 0:
+            assert lock_path(folder).read_text().startswith(f"pid {os.getpid()} on ")
+    assert sleeps == [orchestrate.RETRY_S] * 2
+    if rank == 0:
+        assert told == ["retry", "retry", "held"]
+    other.close()
+    # without --wait, every rank raises rank 0's refusal at once
+    monkeypatch.setattr(orchestrate.time, "sleep", lambda s: pytest.fail("no retry without wait"))
+    heard = iter(["the train stage is already running in another s4mim (pid 1 on h)"])
+    with file_lock(lock_path(folder), "another", folder), pytest.raises(UsageError, match="already running in another"):
+        with stage_lock(folder, "train"):
+            pass
