@@ -283,8 +283,8 @@ WaitOpt = Annotated[
     bool,
     typer.Option(
         "--wait",
-        help="When another s4mim is running a stage this command runs, wait for it to finish and use its result "
-        "(default: stop with exit code 2).",
+        help="When another s4mim holds a stage this command runs, wait until that process lets it go (a pipeline "
+        "run holds its stages to its end), then use the finished stage (default: stop with exit code 2).",
     ),
 ]
 

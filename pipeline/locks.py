@@ -37,6 +37,7 @@ def file_lock(path: Path, what: str, folder: Path, *, wait: bool = False) -> Ite
     whom this process waits for, and the wait. The lock file is removed when the block ends.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    told = False
     while True:
         handle = open(path, "a+")  # noqa: SIM115 - held until the block ends
         try:
@@ -50,8 +51,14 @@ def file_lock(path: Path, what: str, folder: Path, *, wait: bool = False) -> Ite
                     f"{what} is already running in another s4mim ({holder}), into {folder}; wait for it to finish "
                     "(this command then finds it done), or stop that process"
                 ) from None
-            say(f"{what} is running in another s4mim ({holder}), into {folder}; {WAITING}")
-            fcntl.flock(handle, fcntl.LOCK_EX)  # a signal's handler that raises ends the wait
+            if not told:
+                say(f"{what} is running in another s4mim ({holder}), into {folder}; {WAITING}")
+                told = True
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # a signal's handler that raises ends the wait
+            except BaseException:
+                handle.close()
+                raise
         try:
             if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
                 break

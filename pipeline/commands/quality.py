@@ -354,7 +354,7 @@ def run_quality(base, samples: Sequence[Sample], epochs: int, steps: int, runs: 
     for name, seed, config in planned:
         say(f"== {name}{_knobs(trial)}, {column(seed)}")
         t0 = time.perf_counter()
-        stages = {s.name: s for s in run_pipeline(config, runs, backend).statuses}
+        stages = {s.name: s for s in run_pipeline(config, runs, backend, wait=True).statuses}
         if stages["warmup"].miou is not None:
             warmup[seed] = stages["warmup"].miou
         cells[name].record(seed, stages)

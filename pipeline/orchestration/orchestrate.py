@@ -159,8 +159,9 @@ def _lock_for_every_rank(held: ExitStack, path: Path, what: str, folder: Path, w
     """Rank 0 takes the lock into ``held``; every rank learns the outcome, and raises the refusal together.
 
     The other ranks hear it in a collective, which gives up after the process group's timeout (30
-    minutes): so a rank 0 that waits does not block in the lock but tries again every ``RETRY_S``
-    seconds, and tells the others each time."""
+    minutes for gloo, 10 for NCCL): so a rank 0 that waits does not block in the lock but tries again
+    every ``RETRY_S`` seconds, and tells the others each time. A lock that cannot be taken at all (an
+    unwritable or lock-less runs folder) is told too, rather than leaving the others in the collective."""
     import torch.distributed as dist
 
     from pipeline.training.distributed import init_distributed
@@ -178,6 +179,8 @@ def _lock_for_every_rank(held: ExitStack, path: Path, what: str, folder: Path, w
                 if wait and not told:
                     say(f"{what} is running in another s4mim ({lock_holder(path)}), into {folder}; {WAITING}")
                     told = True
+            except OSError as exc:
+                outcome = f"cannot lock {what} at {path}: {exc.strerror or exc}; check that the runs folder is writable"
         box = [outcome]
         dist.broadcast_object_list(box, src=0)
         if box[0] == "held":

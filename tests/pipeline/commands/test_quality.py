@@ -467,6 +467,23 @@ def test_a_table_names_the_command_that_makes_it_again():
     assert split_set == "s4mim quality --regime short --set data.split=1/4"  # --set decides the split: no --split
 
 
+def test_quality_in_one_process_waits_for_a_stage_another_command_runs(runs, tiny_config, monkeypatch):
+    """``--jobs 1`` runs each pipeline in this process: with ``wait``, as the side-by-side runs get ``--wait``."""
+    from pipeline.commands import quality
+    from pipeline.orchestration import orchestrate
+
+    class Seen(Exception):
+        pass
+
+    def run_pipeline(config, runs, backend, **kwargs):
+        raise Seen(kwargs)
+
+    monkeypatch.setattr(orchestrate, "run_pipeline", run_pipeline)
+    with pytest.raises(Seen) as seen:
+        quality.run_quality(tiny_config(), [0], 1, 2, runs, backend=None, variants=["unimatch"])
+    assert seen.value.args[0].get("wait") is True
+
+
 def test_the_pool_says_when_a_run_waits_for_another_command(tmp_path, capsys):
     """A run whose stage another quality command is training waits for it (``--wait``); its line says so."""
     from pipeline.commands.quality import _run_pool

@@ -157,19 +157,20 @@ def test_a_stage_command_with_wait_uses_the_stage_its_holder_finished(tiny_confi
     warmup = stage_folder(runs, config, "warmup", prepare_stage(config, runs).inputs_hash)
     args = [str(S4MIM), "warmup", "shapes-1/8", *tiny_args(tiny_shapes), "--local", "--wait"]
     log = tmp_path / "warmup.log"
-    with stage_lock(warmup, "warmup"), open(log, "w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    with open(log, "w") as out:
         try:
-            seen = _wait_for_output(lambda: log.read_text(), "waiting for it to finish")
-        except AssertionError:
-            process.kill()
-            raise
-        assert f"the warmup stage is running in another s4mim (pid {os.getpid()} on " in seen
-        assert process.poll() is None  # it waits while the stage is held
-        warmup.mkdir(parents=True)  # what the holder leaves when it finishes
-        (warmup / "best.pt").write_bytes(b"")
-        (warmup / "result.json").write_text(json.dumps({"best_miou": 12.5, "checkpoint": str(warmup / "best.pt")}))
-    process.wait(timeout=600)
+            with stage_lock(warmup, "warmup"):
+                process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+                seen = _wait_for_output(lambda: log.read_text(), "waiting for it to finish")
+                assert f"the warmup stage is running in another s4mim (pid {os.getpid()} on " in seen
+                assert process.poll() is None  # it waits while the stage is held
+                warmup.mkdir(parents=True)  # what the holder leaves when it finishes
+                (warmup / "best.pt").write_bytes(b"")
+                result = {"best_miou": 12.5, "checkpoint": str(warmup / "best.pt")}
+                (warmup / "result.json").write_text(json.dumps(result))
+            process.wait(timeout=600)
+        finally:
+            process.kill()  # a failed check above leaves no s4mim behind
     assert process.returncode == 0, log.read_text()
     assert f"[warmup] already finished for this config: {warmup}" in log.read_text()
 
@@ -227,3 +228,34 @@ def test_under_torchrun_a_waiting_rank_0_tries_again_and_tells_the_others_each_t
     with file_lock(lock_path(folder), "another", folder), pytest.raises(UsageError, match="already running in another"):
         with stage_lock(folder, "train"):
             pass
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_a_lock_rank_0_cannot_take_stops_every_rank(monkeypatch, tmp_path, rank):
+    """An error taking the lock (an unwritable runs folder) is told to the other ranks too: they would
+    otherwise sit in the collective until the process group's timeout."""
+    import torch.distributed as dist
+
+    from pipeline.orchestration import orchestrate
+    from pipeline.training import distributed
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    told = []
+
+    def broadcast(box, src):
+        if rank == 0:
+            told.append(box[0])
+        else:
+            box[0] = "cannot lock the train stage at x: Permission denied; check that the runs folder is writable"
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(distributed, "init_distributed", lambda: (rank, 2, None))
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(orchestrate, "file_lock", unwritable)
+    with pytest.raises(UsageError, match="cannot lock the train stage at .*Permission denied"):
+        with stage_lock(tmp_path / "stages" / "p" / "train-abc", "train", wait=True):
+            pass
+    assert len(told) == (1 if rank == 0 else 0)
