@@ -21,6 +21,11 @@ from pipeline.errors import UsageError
 WAITING = "waiting for it to finish"  # ends the line a waiting process prints (``quality`` relays it)
 
 
+def waiting_line(what: str, holder: str, folder: Path) -> str:
+    """The line a process prints when it waits for ``holder``, which runs ``what`` into ``folder``."""
+    return f"{what} is running in another s4mim ({holder}), into {folder}; {WAITING}"
+
+
 def lock_holder(path: Path) -> str:
     """Who holds the lock at ``path``, as its holder wrote it: ``pid 12 on host, since …``."""
     try:
@@ -52,7 +57,7 @@ def file_lock(path: Path, what: str, folder: Path, *, wait: bool = False) -> Ite
                     "(this command then finds it done), or stop that process"
                 ) from None
             if not told:
-                say(f"{what} is running in another s4mim ({holder}), into {folder}; {WAITING}")
+                say(waiting_line(what, holder, folder))
                 told = True
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # a signal's handler that raises ends the wait

@@ -28,7 +28,7 @@ from data_prep.atomic import write_text_if_changed
 from pipeline.config.schema import Config
 from pipeline.console import say
 from pipeline.errors import UsageError
-from pipeline.locks import WAITING, file_lock, lock_holder
+from pipeline.locks import file_lock, lock_holder, waiting_line
 from pipeline.orchestration.hashing import stage_hash, stage_hash_parts
 from pipeline.orchestration.results import read_result
 from pipeline.paths import is_uri, rank, slug, world_size
@@ -177,7 +177,7 @@ def _lock_for_every_rank(held: ExitStack, path: Path, what: str, folder: Path, w
             except UsageError as exc:
                 outcome = "retry" if wait else str(exc)
                 if wait and not told:
-                    say(f"{what} is running in another s4mim ({lock_holder(path)}), into {folder}; {WAITING}")
+                    say(waiting_line(what, lock_holder(path), folder))
                     told = True
             except OSError as exc:
                 outcome = f"cannot lock {what} at {path}: {exc.strerror or exc}; check that the runs folder is writable"
