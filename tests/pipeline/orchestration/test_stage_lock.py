@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 
 import pytest
 
@@ -157,20 +158,18 @@ def test_a_stage_command_with_wait_uses_the_stage_its_holder_finished(tiny_confi
     warmup = stage_folder(runs, config, "warmup", prepare_stage(config, runs).inputs_hash)
     args = [str(S4MIM), "warmup", "shapes-1/8", *tiny_args(tiny_shapes), "--local", "--wait"]
     log = tmp_path / "warmup.log"
-    with open(log, "w") as out:
-        try:
-            with stage_lock(warmup, "warmup"):
-                process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-                seen = _wait_for_output(lambda: log.read_text(), "waiting for it to finish")
-                assert f"the warmup stage is running in another s4mim (pid {os.getpid()} on " in seen
-                assert process.poll() is None  # it waits while the stage is held
-                warmup.mkdir(parents=True)  # what the holder leaves when it finishes
-                (warmup / "best.pt").write_bytes(b"")
-                result = {"best_miou": 12.5, "checkpoint": str(warmup / "best.pt")}
-                (warmup / "result.json").write_text(json.dumps(result))
-            process.wait(timeout=600)
-        finally:
-            process.kill()  # a failed check above leaves no s4mim behind
+    with open(log, "w") as out, ExitStack() as cleanup:
+        with stage_lock(warmup, "warmup"):
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+            cleanup.callback(process.kill)  # a failed check below leaves no s4mim behind
+            seen = _wait_for_output(lambda: log.read_text(), "waiting for it to finish")
+            assert f"the warmup stage is running in another s4mim (pid {os.getpid()} on " in seen
+            assert process.poll() is None  # it waits while the stage is held
+            warmup.mkdir(parents=True)  # what the holder leaves when it finishes
+            (warmup / "best.pt").write_bytes(b"")
+            result = {"best_miou": 12.5, "checkpoint": str(warmup / "best.pt")}
+            (warmup / "result.json").write_text(json.dumps(result))
+        process.wait(timeout=600)
     assert process.returncode == 0, log.read_text()
     assert f"[warmup] already finished for this config: {warmup}" in log.read_text()
 
