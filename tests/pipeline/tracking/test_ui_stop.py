@@ -86,7 +86,7 @@ JOBS_ON = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}  # the server's job run
     [
         (signal.SIGTERM, {}),
         (signal.SIGINT, {}),
-        (signal.SIGHUP, {}),
+        pytest.param(signal.SIGHUP, {}, marks=pytest.mark.slow),  # the same handler as SIGTERM's and SIGINT's
         pytest.param(signal.SIGTERM, JOBS_ON, marks=pytest.mark.slow),  # a server of nine processes: minutes to start
     ],
     ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-jobs-on"],
