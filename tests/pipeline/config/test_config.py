@@ -108,6 +108,19 @@ def test_testbed_presets_and_their_knobs():
     assert stage_hash(matched, "train") != stage_hash(load_preset("shapes48-1/8", ["variant=supervised"]), "train")
 
 
+def test_every_builtin_preset_carries_the_chosen_cmim_input(tmp_path):
+    """mim.input=whole was chosen on the development data: every built-in preset and every preset file
+    based on one has it, --set takes it back, and schema.py's own default stays SPEC §3.2's isolated input."""
+    assert Config().mim.input == "isolated"
+    assert {name: load_preset(name).mim.input for name in BUILTIN} == dict.fromkeys(BUILTIN, "whole")
+    assert load_preset("shapes48-1/32", ["mim.input=isolated"]).mim.input == "isolated"
+    derived = tmp_path / "derived.json"
+    derived.write_text(json.dumps({"base": "voc-1/8", "set": {"mim.ratio": 0.6}}))
+    assert load_preset(str(derived)).mim.input == "whole"
+    isolated = load_preset("shapes48-1/32", ["variant=s4mim", "mim.input=isolated"])
+    assert stage_hash(isolated, "train") != stage_hash(load_preset("shapes48-1/32", ["variant=s4mim"]), "train")
+
+
 def test_a_section_set_whole_merges_into_the_presets_section(tmp_path):
     """``--set 'mim={...}'`` changes the keys it names; the others keep the preset's values (Cityscapes'
     patch is 80, the default 32). The installed s4mim, as a user types it."""

@@ -301,7 +301,8 @@ def test_cmim_on_the_whole_image_scores_the_plain_forward_per_class(tiny_config,
 
     batch = _batches(1, seed=5)[0]
     seen = {}
-    for name, extra in (("plain", ["mim.mode=plain"]), ("whole", ["mim.input=whole"]), ("isolated", [])):
+    modes = (("plain", ["mim.mode=plain"]), ("whole", ["mim.input=whole"]), ("isolated", ["mim.input=isolated"]))
+    for name, extra in modes:
         engine = _engine(tiny_config("unimatch.threshold=0.0", "fa.weight=0", "smim.weight=0", *extra), "s4mim")
         forward, scored = engine.model.forward, []
 
@@ -377,7 +378,7 @@ UNREAD = {  # run: (its settings, the knobs it does not read)
     "unimatch": (("variant=unimatch",), ("mim.ratio=0.3", "mim.mode=plain", "mim.head=decoder", "fa.weight=0.5",
                  "fa.stop_grad=false", "smim.view=extra", "smim.ratio=0.25")),
     "cmim only": (ONLY_MIM, ("fa.feature=decoder", "fa.stop_grad=false", "smim.view=extra", "smim.pixels=visible")),
-    "plain mim": ((*ONLY_MIM, "mim.mode=plain"), ("mim.input=whole", "fa.feature=decoder", "smim.ratio=0.25")),
+    "plain mim": ((*ONLY_MIM, "mim.mode=plain"), ("mim.input=isolated", "fa.feature=decoder", "smim.ratio=0.25")),
 }  # fmt: skip
 
 
@@ -406,7 +407,7 @@ def test_knobs_of_terms_a_run_does_not_train_change_neither_its_steps_nor_its_ca
     [(("variant=unimatch",), "unimatch.threshold=0.5"), (("variant=s4mim", "smim.weight=0"), "mim.ratio=0.3"),
      (("variant=s4mim",), "smim.pixels=visible"), (("variant=s4mim",), "fa.feature=decoder"),
      (("variant=s4mim", "mim.mode=none", "fa.weight=0"), "mim.patch=4"),
-     ((*ONLY_MIM,), "mim.input=whole")],
+     ((*ONLY_MIM,), "mim.input=isolated")],
 )  # fmt: skip
 def test_knobs_of_terms_a_run_trains_change_its_cache_key(tiny_config, base, knob):
     from pipeline.orchestration.hashing import stage_hash
