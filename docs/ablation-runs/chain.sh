@@ -39,7 +39,7 @@ trap 'exit 143' TERM INT
 set -x
 # The design trials on development seed 0 are done (docs/results.md lists each, and their tables). At
 # the frozen defaults, seed 0's table comes from the stage cache: the kept knob's trial runs are the
-# runs of the rows that read it. Then seeds 1 and 2 (each command fills both lanes itself), the
+# runs of the rows that read it. Then seeds 1 and 2 (each command trains two runs at a time), the
 # development table of the three seeds, and the held-out generator seeds 3 and 4 (three training
 # seeds each, one table pooling the six pairs).
 q --seeds 0

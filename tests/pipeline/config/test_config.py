@@ -116,9 +116,7 @@ def test_every_builtin_preset_carries_the_chosen_cmim_input(tmp_path):
     assert load_preset("shapes48-1/32", ["mim.input=isolated"]).mim.input == "isolated"
     derived = tmp_path / "derived.json"
     derived.write_text(json.dumps({"base": "voc-1/8", "set": {"mim.ratio": 0.6}}))
-    assert load_preset(str(derived)).mim.input == "whole"
-    isolated = load_preset("shapes48-1/32", ["variant=s4mim", "mim.input=isolated"])
-    assert stage_hash(isolated, "train") != stage_hash(load_preset("shapes48-1/32", ["variant=s4mim"]), "train")
+    assert load_preset(str(derived)).mim.input == "whole"  # its cache key: test_engine's knob tests
 
 
 def test_a_section_set_whole_merges_into_the_presets_section(tmp_path):
