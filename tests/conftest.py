@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,32 @@ def _threads():
 def tiny_shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "shapes"
     return synthesize(root, seed=0, settings=TINY_SHAPES)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_shapes, tmp_path_factory) -> Path:
+    """A runs folder holding the tiny pipeline, finished (``--local``) by the installed ``s4mim``.
+
+    One for the whole session: a test that writes into a runs folder takes a copy (``shutil.copytree``).
+    """
+    from tests.pipeline.cli_helpers import run_s4mim
+
+    runs = tmp_path_factory.mktemp("tiny-pipeline") / "runs"
+    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
+    for item in TINY_OVERRIDES:
+        args += ["--set", item]
+    done = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs
+
+
+def copy_runs(source: Path, to: Path) -> Path:
+    """A copy of the runs folder ``source`` at ``to``, its results naming checkpoints in the copy: as if the
+    copy had trained them, so that nothing in it leads back to ``source``."""
+    shutil.copytree(source, to)
+    for result in to.glob("stages/*/*/result.json"):
+        result.write_text(result.read_text().replace(str(source), str(to)))
+    return to
 
 
 @pytest.fixture

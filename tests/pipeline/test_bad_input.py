@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, copy_runs
 from tests.data_prep.trees import custom_tree
 from tests.pipeline.cli_helpers import S4MIM, one_line_error, run_s4mim, tree_state
 
@@ -106,11 +106,9 @@ def _bind_read_only(source: Path, target: Path) -> bool:
     return True
 
 
-def test_a_cached_pipeline_writes_nothing_and_runs_from_a_read_only_folder(tiny_shapes, tmp_path):
-    runs = tmp_path / "runs"
+def test_a_cached_pipeline_writes_nothing_and_runs_from_a_read_only_folder(tiny_pipeline, tiny_shapes, tmp_path):
+    runs = copy_runs(tiny_pipeline, tmp_path / "runs")
     args = ["pipeline", "run", "shapes-1/8", "--local", *_tiny(tiny_shapes)]
-    first = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
-    assert first.returncode == 0, first.stderr[-2000:]
     before = tree_state(runs)
     again = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
     assert again.returncode == 0, again.stderr[-2000:]

@@ -20,16 +20,10 @@ from tests.conftest import TINY_OVERRIDES
 from tests.pipeline.cli_helpers import one_line_error, run_s4mim
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_shapes, tmp_path_factory) -> Path:
-    """A runs folder holding a finished tiny pipeline (--local)."""
-    runs = tmp_path_factory.mktemp("predict") / "runs"
-    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
-    done = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return runs
+@pytest.fixture
+def trained(tiny_pipeline) -> Path:
+    """A runs folder holding a finished tiny pipeline (--local), the session's."""
+    return tiny_pipeline
 
 
 def _stage(runs: Path, stage: str) -> Path:

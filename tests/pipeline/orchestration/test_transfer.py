@@ -13,7 +13,7 @@ import pytest
 from pipeline.errors import UsageError
 from pipeline.orchestration import transfer
 from pipeline.orchestration.transfer import export_runs, import_runs
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, copy_runs
 from tests.pipeline.cli_helpers import one_line_error, run_s4mim, tree_state
 
 
@@ -157,15 +157,16 @@ def test_a_broken_export_log_or_an_unwritable_target_is_a_usage_error(filled, tm
         export_runs(filled, tmp_path / "a-file")
 
 
-def test_a_pipeline_imported_on_another_runs_folder_is_cached_and_trains_from_its_teacher(tiny_shapes, tmp_path):
+def test_a_pipeline_imported_on_another_runs_folder_is_cached_and_trains_from_its_teacher(
+    tiny_pipeline, tiny_shapes, tmp_path
+):
     """Through the installed s4mim: the whole tiny pipeline, exported, its runs folder deleted, imported
     into another; the same command then runs no stage, and a new train budget trains from the teacher."""
     args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
     for item in TINY_OVERRIDES:
         args += ["--set", item]
     first, second, export = tmp_path / "first", tmp_path / "second", tmp_path / "export"
-    done = run_s4mim(*args, env={"S4MIM_RUNS": str(first)})
-    assert done.returncode == 0, done.stderr
+    copy_runs(tiny_pipeline, first)  # the session's finished pipeline, as if trained in first
     done = run_s4mim("runs", "export", str(export), env={"S4MIM_RUNS": str(first)})
     assert done.returncode == 0, done.stderr
     assert "exported 3 stage(s)" in done.stdout
