@@ -73,19 +73,24 @@ def tiny_shapes(tmp_path_factory) -> Path:
     return synthesize(root, seed=0, settings=TINY_SHAPES)
 
 
+def tiny_args(data_root: Path, *extra: str) -> list[str]:
+    """The command-line options of the tiny config on ``data_root``, with ``extra`` overrides."""
+    args = ["--data-root", str(data_root)]
+    for item in (*TINY_OVERRIDES, *extra):
+        args += ["--set", item]
+    return args
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_shapes, tmp_path_factory) -> Path:
     """A runs folder holding the tiny pipeline, finished (``--local``) by the installed ``s4mim``.
 
-    One for the whole session: a test that writes into a runs folder takes a copy (``shutil.copytree``).
+    One for the whole session: a test that writes into a runs folder takes a copy (``copy_runs``).
     """
     from tests.pipeline.cli_helpers import run_s4mim
 
     runs = tmp_path_factory.mktemp("tiny-pipeline") / "runs"
-    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
-    done = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
+    done = run_s4mim("pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes), env={"S4MIM_RUNS": str(runs)})
     assert done.returncode == 0, done.stderr[-3000:]
     return runs
 

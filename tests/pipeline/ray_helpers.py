@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import tiny_args  # noqa: F401 (the Ray tests import it from here)
 
 
 def start_cluster(nodes: int = 1, cpus_per_node: int = 2):
@@ -24,13 +24,6 @@ def start_cluster(nodes: int = 1, cpus_per_node: int = 2):
         cluster.add_node(num_cpus=cpus_per_node)
     cluster.wait_for_nodes()
     return cluster
-
-
-def tiny_args(data_root: Path, *extra: str) -> list[str]:
-    args = ["--data-root", str(data_root)]
-    for item in (*TINY_OVERRIDES, *extra):
-        args += ["--set", item]
-    return args
 
 
 def env_for(runs: Path, address: str) -> dict:

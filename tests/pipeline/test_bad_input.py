@@ -14,16 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES, copy_runs
+from tests.conftest import copy_runs, tiny_args
 from tests.data_prep.trees import custom_tree
 from tests.pipeline.cli_helpers import S4MIM, one_line_error, run_s4mim, tree_state
-
-
-def _tiny(data_root: Path, *extra: str) -> list[str]:
-    args = ["--data-root", str(data_root)]
-    for item in (*TINY_OVERRIDES, *extra):
-        args += ["--set", item]
-    return args
 
 
 @pytest.fixture
@@ -84,10 +77,10 @@ def _blocked_runs(tmp_path: Path, kind: str) -> Path:
 def test_runs_folder_that_cannot_be_written(tiny_shapes, tmp_path, kind, command):
     runs = _blocked_runs(tmp_path, kind)
     args = {
-        "local-warmup": ["warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes)],
+        "local-warmup": ["warmup", "shapes-1/8", "--local", *tiny_args(tiny_shapes)],
         "data-prepare": ["data", "prepare", "shapes", "--root", str(tiny_shapes)],
-        "ray-pipeline": ["pipeline", "run", "shapes-1/8", *_tiny(tiny_shapes)],
-        "dry-run": ["pipeline", "run", "shapes-1/8", "--dry-run", *_tiny(tiny_shapes)],  # what the run would refuse
+        "ray-pipeline": ["pipeline", "run", "shapes-1/8", *tiny_args(tiny_shapes)],
+        "dry-run": ["pipeline", "run", "shapes-1/8", "--dry-run", *tiny_args(tiny_shapes)],  # what the run would refuse
     }[command]
     done = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
     assert done.returncode == 2, done.stderr[-2000:]
@@ -108,7 +101,7 @@ def _bind_read_only(source: Path, target: Path) -> bool:
 
 def test_a_cached_pipeline_writes_nothing_and_runs_from_a_read_only_folder(tiny_pipeline, tiny_shapes, tmp_path):
     runs = copy_runs(tiny_pipeline, tmp_path / "runs")
-    args = ["pipeline", "run", "shapes-1/8", "--local", *_tiny(tiny_shapes)]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes)]
     before = tree_state(runs)
     again = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
     assert again.returncode == 0, again.stderr[-2000:]
@@ -205,7 +198,7 @@ def last_epoch_seen(out: str, stage: str) -> int:
 def test_ctrl_c_in_a_local_stage_exits_130_quietly_and_resumes(tiny_shapes, tmp_path):
     env = {"S4MIM_RUNS": str(tmp_path / "runs")}
     # Epochs of a few seconds: Ctrl-C lands long before the last one, even on a loaded machine.
-    args = ["warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes, "warmup.epochs=6", "data.loader_workers=2",
+    args = ["warmup", "shapes-1/8", "--local", *tiny_args(tiny_shapes, "warmup.epochs=6", "data.loader_workers=2",
             "warmup.steps_per_epoch=40")]  # fmt: skip
     code, out, err = interrupt_after(args, env, epoch_line("warmup", 2, 6))
     assert code == 130, err[-3000:]
@@ -225,7 +218,7 @@ def test_ctrl_c_in_a_local_stage_exits_130_quietly_and_resumes(tiny_shapes, tmp_
 
 def test_a_split_with_no_unlabeled_images_fails_before_training(tiny_shapes, tmp_path):
     runs = tmp_path / "runs"
-    args = ["pipeline", "run", "shapes-1/8", "--local", *_tiny(tiny_shapes, "data.split=1/1")]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes, "data.split=1/1")]
     done = run_s4mim(*args, env={"S4MIM_RUNS": str(runs)})
     assert done.returncode == 2
     line = one_line_error(done.stderr)
@@ -245,13 +238,13 @@ def test_without_matplotlib_a_pipeline_stops_before_training_and_names_both_fixe
     hidden.mkdir()
     (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
     env = {"S4MIM_RUNS": str(tmp_path / "runs"), "PYTHONPATH": str(hidden)}
-    args = ["pipeline", "run", "shapes-1/8", "--local", *_tiny(tiny_shapes)]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes)]
     done = run_s4mim(*args, env=env)
     assert done.returncode == 2
     line = one_line_error(done.stderr)
     assert "matplotlib is not installed" in line and "--set eval.grid_images=0" in line
     assert not (tmp_path / "runs" / "stages").exists()  # nothing trained
-    warmup = run_s4mim("warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes), env=env)  # draws no grid
+    warmup = run_s4mim("warmup", "shapes-1/8", "--local", *tiny_args(tiny_shapes), env=env)  # draws no grid
     assert warmup.returncode == 0, warmup.stderr[-2000:]
     again = run_s4mim(*args, "--set", "eval.grid_images=0", env=env)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -271,7 +264,7 @@ def test_bad_sample_in_a_pipeline_names_a_fix_the_pipeline_has(tmp_path):
 
 def test_labeled_ids_errors_name_the_option_they_came_from(tiny_shapes, tmp_path):
     missing = tmp_path / "nope.txt"
-    args = ["pipeline", "run", "shapes-1/8", "--local", *_tiny(tiny_shapes, f"data.labeled_ids={missing}")]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes, f"data.labeled_ids={missing}")]
     done = run_s4mim(*args, env={"S4MIM_RUNS": str(tmp_path / "runs")})
     assert done.returncode == 2
     line = one_line_error(done.stderr)
@@ -306,7 +299,7 @@ def test_custom_set_without_masks_says_so(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
 def test_outputs_follow_the_umask(tiny_shapes, tmp_path):
     runs = tmp_path / "runs"
-    args = ["warmup", "shapes-1/8", "--local", *_tiny(tiny_shapes)]
+    args = ["warmup", "shapes-1/8", "--local", *tiny_args(tiny_shapes)]
     done = subprocess.run(
         ["sh", "-c", 'umask 022 && exec "$0" "$@"', str(S4MIM), *args],
         capture_output=True,
