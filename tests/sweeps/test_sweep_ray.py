@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pipeline.config.schema import parse_override
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, copy_runs
 from tests.pipeline.ray_helpers import env_for, mlflow_runs, start_cluster, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -53,8 +53,10 @@ def _sweep(spec: str, env: dict, **kwargs) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_two_trial_sweep_nests_runs_and_writes_a_best_preset(cluster, tiny_shapes, tmp_path):
-    runs = tmp_path / "runs"
+def test_two_trial_sweep_nests_runs_and_writes_a_best_preset(cluster, tiny_shapes, tiny_pipeline, tmp_path):
+    """In a runs folder that holds the tiny pipeline: the sweep's teacher is that pipeline's warmup, from the
+    stage cache (the interrupted-sweep tests train theirs)."""
+    runs = copy_runs(tiny_pipeline, tmp_path / "runs")
     env = env_for(runs, cluster.address)
     spec = _spec(tmp_path, tiny_shapes, "tiny-two", [0.3, 0.6])
     proc = _sweep(spec, env)
@@ -77,8 +79,9 @@ def test_two_trial_sweep_nests_runs_and_writes_a_best_preset(cluster, tiny_shape
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     ratios = sorted(float(client.get_run(t["run_id"]).data.params["mim.ratio"]) for t in trials)
     assert ratios == [0.3, 0.6]
-    warmups = [r for r in records if r["tags"].get("stage") == "warmup"]
-    assert len(warmups) == 1  # one warmup, shared by both trials
+    assert "[warmup] shared by every trial" in out and "[warmup] cached: " in out
+    assert not [r for r in records if r["tags"].get("stage") == "warmup"]  # cached: no warmup trained or logged
+    assert len(list((runs / "stages" / "shapes-1_8").glob("warmup-*"))) == 1
 
     preset = runs / "presets" / "tiny-two-best.json"
     best = json.loads(preset.read_text())

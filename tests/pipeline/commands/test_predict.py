@@ -16,7 +16,7 @@ from PIL import Image
 from data_prep.decode import read_mask
 from data_prep.palette import voc_palette
 from pipeline.training.metrics import confusion_matrix, mean_iou
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import tiny_args
 from tests.pipeline.cli_helpers import one_line_error, run_s4mim
 
 
@@ -84,9 +84,7 @@ def test_a_moved_runs_folder_still_predicts_and_evaluates(trained, tiny_shapes, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "preds" / f"{Path(image).stem}.png").is_file()
 
-    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes)]
     again = run_s4mim(*args, "--force", "evaluate", env={"S4MIM_RUNS": str(runs)})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "\ntrain      cached" in again.stdout and "\nevaluate   ran" in again.stdout

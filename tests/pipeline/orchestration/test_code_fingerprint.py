@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.fingerprint import code_fingerprint, source_digest
 from pipeline.orchestration.hashing import stage_hash
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import copy_runs, tiny_args
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -35,9 +35,7 @@ def _copy_project(target: Path) -> Path:
 
 
 def _dry_run(project: Path, data_root: Path, runs: Path, *extra: str) -> str:
-    args = [sys.executable, "-m", "pipeline", "pipeline", "run", "shapes-1/8", "--local", "--data-root", str(data_root)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
+    args = [sys.executable, "-m", "pipeline", "pipeline", "run", "shapes-1/8", "--local", *tiny_args(data_root)]
     done = subprocess.run(
         [*args, *extra],
         capture_output=True,
@@ -55,10 +53,9 @@ def _status(out: str, stage: str) -> str:
     return line.split()[1]
 
 
-def test_a_loss_change_invalidates_training_but_not_prepare(tiny_shapes, tmp_path):
+def test_a_loss_change_invalidates_training_but_not_prepare(tiny_pipeline, tiny_shapes, tmp_path):
     project = _copy_project(tmp_path / "project")
-    runs = tmp_path / "runs"
-    _dry_run(project, tiny_shapes, runs)  # runs the whole tiny pipeline
+    runs = copy_runs(tiny_pipeline, tmp_path / "runs")  # trained by the installed code, which the copy's is
     cached = _dry_run(project, tiny_shapes, runs, "--dry-run")
     assert all(_status(cached, s) == "cached" for s in ("prepare", "warmup", "train", "evaluate")), cached
 

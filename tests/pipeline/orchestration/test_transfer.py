@@ -13,7 +13,7 @@ import pytest
 from pipeline.errors import UsageError
 from pipeline.orchestration import transfer
 from pipeline.orchestration.transfer import export_runs, import_runs
-from tests.conftest import TINY_OVERRIDES, copy_runs
+from tests.conftest import copy_runs, tiny_args
 from tests.pipeline.cli_helpers import one_line_error, run_s4mim, tree_state
 
 
@@ -162,9 +162,7 @@ def test_a_pipeline_imported_on_another_runs_folder_is_cached_and_trains_from_it
 ):
     """Through the installed s4mim: the whole tiny pipeline, exported, its runs folder deleted, imported
     into another; the same command then runs no stage, and a new train budget trains from the teacher."""
-    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes)]
     first, second, export = tmp_path / "first", tmp_path / "second", tmp_path / "export"
     copy_runs(tiny_pipeline, first)  # the session's finished pipeline, as if trained in first
     done = run_s4mim("runs", "export", str(export), env={"S4MIM_RUNS": str(first)})

@@ -60,11 +60,9 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_config, runs, tmp_pa
 
 
 def test_pipeline_run_then_cached_then_forced(capsys, tiny_config, runs, tiny_shapes):
-    from tests.conftest import TINY_OVERRIDES
+    from tests.conftest import tiny_args
 
-    args = ["pipeline", "run", "shapes-1/8", "--local", "--data-root", str(tiny_shapes)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
+    args = ["pipeline", "run", "shapes-1/8", "--local", *tiny_args(tiny_shapes)]
     code, out, err = run_main(capsys, *args)
     assert code == 0, err
     summary = out[out.index("summary for") :]
