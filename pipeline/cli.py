@@ -204,22 +204,24 @@ def _under_torchrun() -> bool:
 
 
 def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, local: bool, evaluates: bool = True):
-    """The backend for this command, after checking everything it needs, before any training."""
+    """The backend for this command, after checking everything it needs, before any training: the cheap
+    checks first, the backbone's weights last (loading them may mean a download)."""
     from model.backbones import check_init
     from pipeline.paths import require_writable
     from pipeline.training.pictures import has_matplotlib
     from pipeline.training.standin import resolved_init
 
-    check_init(config.model.backbone, resolved_init(config.model))
     if evaluates and config.eval.grid_images and not has_matplotlib():
         raise UsageError(
             f"matplotlib is not installed, and evaluate draws its picture grid (eval.grid_images="
             f"{config.eval.grid_images}) with it; pip install matplotlib, or pass --set eval.grid_images=0"
         )
     require_writable(runs)
+    _check_dataset_tree(config)
     if local or _under_torchrun():
         from pipeline.backends.local import LocalBackend
 
+        check_init(config.model.backbone, resolved_init(config.model))
         return LocalBackend()
     from pipeline.backends.ray_train import RayBackend, check_reachable, check_storage, storage_path
     from pipeline.tracking.runs import check_tracking_uri, tracking_uri
@@ -228,7 +230,19 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
     check_tracking_uri(uri)
     check_storage(storage_path(runs))
     check_reachable(ray_address)
+    check_init(config.model.backbone, resolved_init(config.model))
     return RayBackend(runs, uri, ray_address)  # joins Ray in begin(), once the data is prepared
+
+
+def _check_dataset_tree(config) -> None:
+    """A dataset read from disk is there and has the layout of its kind (the prepare stage validates its
+    samples later); shapes is generated when missing."""
+    if config.data.dataset == "shapes":
+        return
+    from data_prep.readers import read_dataset
+    from pipeline.training.prepare import dataset_root
+
+    read_dataset(config.data.dataset, dataset_root(config))
 
 
 def _finished(runs, config, stage: str, prepared, needed_by: str) -> str:

@@ -50,6 +50,18 @@ def test_imagenet_init_offline_fails_before_training(capsys, runs, tmp_path, mon
     assert "cannot load ImageNet weights for resnet18" in line and "--set model.init=none" in line
 
 
+def test_a_missing_dataset_is_named_before_any_weights_are_fetched(capsys, runs, tmp_path, monkeypatch):
+    """The cheap checks come first: a mistyped --data-root costs no download of the backbone's weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no cached weights
+    fetched = []
+    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *args, **kwargs: fetched.append(args))
+    missing = tmp_path / "VOCdevkit"
+    code, _, err = run_main(capsys, "pipeline", "run", "voc-1/8", "--data-root", str(missing))
+    assert code == 2
+    assert f"dataset root {missing} does not exist" in _error(err)
+    assert not fetched
+
+
 def test_doctor_reports_each_check(capsys, runs, tiny_shapes, monkeypatch):
     monkeypatch.setenv("S4MIM_DATA", str(tiny_shapes.parent))
     code, out, _ = run_main(capsys, "doctor")
