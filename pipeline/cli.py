@@ -221,17 +221,18 @@ def _backend(config, runs: Path, ray_address: str | None, tracking: str | None, 
     if local or _under_torchrun():
         from pipeline.backends.local import LocalBackend
 
-        check_init(config.model.backbone, resolved_init(config.model))
-        return LocalBackend()
-    from pipeline.backends.ray_train import RayBackend, check_reachable, check_storage, storage_path
-    from pipeline.tracking.runs import check_tracking_uri, tracking_uri
+        backend = LocalBackend()
+    else:
+        from pipeline.backends.ray_train import RayBackend, check_reachable, check_storage, storage_path
+        from pipeline.tracking.runs import check_tracking_uri, tracking_uri
 
-    uri = tracking_uri(config, tracking)
-    check_tracking_uri(uri)
-    check_storage(storage_path(runs))
-    check_reachable(ray_address)
+        uri = tracking_uri(config, tracking)
+        check_tracking_uri(uri)
+        check_storage(storage_path(runs))
+        check_reachable(ray_address)
+        backend = RayBackend(runs, uri, ray_address)  # joins Ray in begin(), once the data is prepared
     check_init(config.model.backbone, resolved_init(config.model))
-    return RayBackend(runs, uri, ray_address)  # joins Ray in begin(), once the data is prepared
+    return backend
 
 
 def _check_dataset_tree(config) -> None:
