@@ -11,8 +11,6 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import tiny_args  # noqa: F401 (the Ray tests import it from here)
-
 
 def start_cluster(nodes: int = 1, cpus_per_node: int = 2):
     """A Ray cluster of ``nodes`` nodes on this machine (``ray.cluster_utils.Cluster``)."""

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from tests.conftest import tiny_args
 from tests.pipeline.backends.test_ray_pipeline import s4mim
-from tests.pipeline.ray_helpers import env_for, start_cluster, tiny_args
+from tests.pipeline.ray_helpers import env_for, start_cluster
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

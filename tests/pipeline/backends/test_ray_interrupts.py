@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from ray._private.utils import get_num_cpus
 
+from tests.conftest import tiny_args
 from tests.pipeline.cli_helpers import S4MIM, run_s4mim
-from tests.pipeline.ray_helpers import RayHead, tiny_args, wait_for
+from tests.pipeline.ray_helpers import RayHead, wait_for
 from tests.pipeline.test_bad_input import epoch_line, interrupt_after, last_epoch_seen
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]

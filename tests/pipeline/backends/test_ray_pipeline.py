@@ -12,13 +12,13 @@ import time
 
 import pytest
 
+from tests.conftest import tiny_args
 from tests.pipeline.cli_helpers import S4MIM, run_s4mim
 from tests.pipeline.ray_helpers import (
     env_for,
     kill,
     mlflow_runs,
     start_cluster,
-    tiny_args,
     train_worker_pids,
     wait_for,
 )

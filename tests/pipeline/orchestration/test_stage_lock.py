@@ -10,8 +10,9 @@ import pytest
 from pipeline.errors import UsageError
 from pipeline.orchestration.orchestrate import lock_path, stage_folder, stage_lock
 from pipeline.training.prepare import prepare_stage
+from tests.conftest import tiny_args
 from tests.pipeline.cli_helpers import one_line_error, run_s4mim, tree_state
-from tests.pipeline.ray_helpers import mlflow_runs, tiny_args
+from tests.pipeline.ray_helpers import mlflow_runs
 
 
 def test_a_held_stage_refuses_a_second_holder_until_released(tmp_path):

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import tiny_args
 from tests.pipeline.cli_helpers import S4MIM, run_s4mim
-from tests.pipeline.ray_helpers import tiny_args
 
 pytestmark = [
     pytest.mark.slow,
